@@ -1,0 +1,142 @@
+"""The plugin system: discovery, isolation of broken plugins, duplicates, unknown names."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tsdf_bench import DefenseEntry, PluginError, Registry, UnknownNameError
+from tsdf_bench.hookspecs import register_defenses  # noqa: F401 - the spec module imports
+from tsdf_bench.plugins import PluginWarning
+from tsdf_bench.records import KINDS
+
+from conftest import ROOT, run_cli
+
+EXAMPLE = ROOT / "examples" / "example_plugin"
+
+GOOD = """
+from tsdf_bench import DefenseEntry, hookimpl
+from tsdf_bench.defenses import Defense
+
+class Zero(Defense):
+    def perturbation_for(self, images, attrs=None):
+        return images * 0
+
+@hookimpl
+def register_defenses(register):
+    register(DefenseEntry("{name}", "A test defense.", Zero))
+"""
+
+
+def write(tmp_path, name, text):
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(text))
+    return tmp_path
+
+
+def dir_registry(tmp_path, strict=False):
+    return Registry(plugins_dirs=[tmp_path], strict=strict, entry_points=False)
+
+
+def test_plugins_dir_defense_is_registered_and_usable(tmp_path):
+    reg = dir_registry(write(tmp_path, "mine", GOOD.format(name="zero-test")))
+    entry = reg.get("defense", "zero-test")
+    assert entry.distribution == "(plugins-dir)" and entry.source.endswith("mine.py")
+    import torch
+
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert torch.equal(entry.create(eps=0.05).protect(x), x)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("import no_such_module_xyz\n", "failed to import: ModuleNotFoundError"),
+    ("from tsdf_bench import hookimpl\n@hookimpl\ndef register_defenses(register):\n    raise RuntimeError('boom')\n",
+     "raised in register_defenses: RuntimeError: boom"),
+    ("from tsdf_bench import hookimpl\n@hookimpl\ndef register_defenses(register):\n    register('not a record')\n",
+     "expected a DefenseEntry"),
+    ("from tsdf_bench import hookimpl, ModelEntry\n@hookimpl\ndef register_defenses(register):\n"
+     "    register(ModelEntry('m', 'wrong kind', dict))\n", "expected a DefenseEntry"),
+    ("from tsdf_bench import hookimpl, DefenseEntry\n@hookimpl\ndef register_defenses(register):\n"
+     "    register(DefenseEntry('d', '', dict))\n", "one-line description"),
+    ("from tsdf_bench import hookimpl\n@hookimpl\ndef register_defense(register):\n    pass\n", "unknown hook"),
+])
+def test_broken_plugin_warns_names_itself_and_others_keep_working(tmp_path, body, needle):
+    write(tmp_path, "broken", body)
+    write(tmp_path, "good", GOOD.format(name="still-here"))
+    with pytest.warns(PluginWarning) as caught:
+        reg = dir_registry(tmp_path)
+    message = " ".join(str(w.message) for w in caught)
+    assert "broken.py" in message and needle in message
+    assert reg.names("defense") == ["still-here"]
+    with pytest.raises(PluginError, match="broken.py"):
+        dir_registry(tmp_path, strict=True)
+
+
+def test_strict_mode_from_environment(tmp_path, monkeypatch):
+    write(tmp_path, "broken", "raise ImportError('nope')\n")
+    monkeypatch.setenv("TSDF_BENCH_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="nope"):
+        Registry(plugins_dirs=[tmp_path], entry_points=False)
+
+
+def test_duplicate_names_are_refused_naming_both_sources(tmp_path):
+    write(tmp_path, "first", GOOD.format(name="twin"))
+    write(tmp_path, "second", GOOD.format(name="twin"))
+    with pytest.raises(PluginError) as err:
+        dir_registry(tmp_path)
+    assert "twin" in str(err.value) and "first.py" in str(err.value) and "second.py" in str(err.value)
+
+
+def test_unknown_name_lists_valid_names_and_closest(tmp_path):
+    write(tmp_path, "a", GOOD.format(name="cmua-like"))
+    write(tmp_path, "b", GOOD.format(name="found-like"))
+    reg = dir_registry(tmp_path)
+    with pytest.raises(UnknownNameError) as err:
+        reg.get("defense", "cmua-lke")
+    text = str(err.value)
+    assert "Did you mean 'cmua-like'?" in text and "found-like" in text
+    with pytest.raises(UnknownNameError, match="plugin kind"):
+        reg.get("defenses", "cmua-like")
+
+
+def test_cli_plugins_dir_before_or_after_command(tmp_path):
+    write(tmp_path, "mine", GOOD.format(name="cli-zero"))
+    for args in (["--plugins-dir", str(tmp_path), "plugins", "--json"], ["plugins", "--json", "--plugins-dir", str(tmp_path)]):
+        out = run_cli(*args)
+        assert out.returncode == 0, out.stderr
+        rows = json.loads(out.stdout[: out.stdout.rindex("]") + 1])
+        assert {"kind": "defense", "name": "cli-zero"}.items() <= next(r for r in rows if r["name"] == "cli-zero").items()
+        assert all(set(r) >= {"kind", "name", "description", "distribution", "version"} for r in rows)
+        assert all(r["kind"] in KINDS for r in rows)
+
+
+def test_example_plugin_through_plugins_dir():
+    reg = Registry(plugins_dirs=[EXAMPLE], entry_points=False)
+    assert "example-checkerboard" in reg.names("defense") and "example-energy" in reg.names("metric")
+    import torch
+
+    x = torch.zeros(1, 3, 4, 4)
+    y = reg.create("defense", "example-checkerboard", eps=0.05).protect(x)
+    assert y.abs().max().item() == pytest.approx(0.05) and (y > 0).any() and (y < 0).any()
+
+
+@pytest.mark.slow
+def test_example_plugin_as_installed_distribution(tmp_path):
+    """Build and install the example as a real distribution; discovery is by entry point only."""
+    target = tmp_path / "site"
+    src = tmp_path / "src"
+    shutil.copytree(EXAMPLE, src)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--target", str(target), str(src)], check=True, timeout=300)
+    env = {"PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    out = run_cli("plugins", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout[: out.stdout.rindex("]") + 1])
+    mine = [r for r in rows if r["distribution"] == "tsdf-bench-example-plugin"]
+    assert {(r["kind"], r["name"]) for r in mine} == {("defense", "example-checkerboard"), ("metric", "example-energy")}
+    assert all(r["version"] == "0.1.0" for r in mine)
+    # without the distribution on the path the example is not there
+    plain = json.loads(run_cli("plugins", "--json").stdout.split("\nwarning")[0])
+    assert not any(r["name"] == "example-checkerboard" for r in plain)
