@@ -1,12 +1,84 @@
-"""``tsdf-bench leaderboard``: (not built yet)."""
-from ..errors import TsdfBenchError
+"""``tsdf-bench leaderboard``: render the results database as a leaderboard.
 
-HELP = "leaderboard (not built yet)"
+Reads rows with :class:`tsdf_bench.harness.store.ResultsStore` and renders them with
+:func:`tsdf_bench.leaderboard.render` (markdown, csv, latex or json) to stdout or ``--output``;
+``--out-dir`` writes all four files.  ``--results`` takes the SQLite file or a folder holding
+``results.sqlite``; a run's own folder (``<output>/<run_id>/``) also works: the database of its
+parent is read, restricted to that run unless ``--run-id`` says otherwise.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import TsdfBenchError
+from ..leaderboard import FORMATS, render, write_leaderboards
+
+HELP = "render results as a leaderboard (markdown, csv, latex or json)"
+DB_NAME = "results.sqlite"
+DEFAULT_DB = Path("runs") / DB_NAME
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("--results", default=str(DEFAULT_DB), metavar="PATH",
+                        help=f"results database or run folder (default {DEFAULT_DB})")
+    parser.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default markdown)")
+    parser.add_argument("--run-id", default=None, metavar="ID",
+                        help="only this run ('latest' for the newest); default: every run, newest row per cell")
+    parser.add_argument("--output", default=None, metavar="FILE", help="write to FILE instead of stdout")
+    parser.add_argument("--out-dir", default=None, metavar="DIR",
+                        help="also write leaderboard.md/.csv/.tex/.json into DIR")
+
+
+def resolve_results(path) -> tuple[Path, str | None]:
+    """``(database path, implied run id)`` for a ``--results`` argument."""
+    path = Path(path)
+    if path.is_file():
+        return path, None
+    if path.is_dir():
+        if (path / DB_NAME).is_file():
+            return path / DB_NAME, None
+        if (path.parent / DB_NAME).is_file():
+            return path.parent / DB_NAME, path.name
+        raise TsdfBenchError(f"--results {path}: no {DB_NAME} in this folder or its parent; pass the database "
+                             "file, or the output folder of a `tsdf-bench run`")
+    raise TsdfBenchError(f"--results {path}: no such file or folder; run `tsdf-bench run CONFIG` first, "
+                         "or pass --results with the output folder or results.sqlite of a run")
+
+
+def load_rows(path, run_id: str | None = None) -> list[dict]:
+    """Rows of the results database at ``path`` (file or folder), optionally of one run."""
+    from ..harness.store import ResultsStore
+
+    db, implied = resolve_results(path)
+    store = ResultsStore(db)
+    run_id = run_id or implied
+    if run_id == "latest":
+        run_id = store.latest_run()
+    elif run_id is not None:
+        run_id = store.resolve(run_id)
+    rows = store.rows(run_id=run_id)
+    if not rows:
+        which = f" for run {run_id!r}" if run_id else ""
+        raise TsdfBenchError(f"{db} holds no results{which}; run `tsdf-bench run CONFIG` first")
+    return rows
+
+
+def leaderboard_text(rows: list[dict], fmt: str = "markdown", header: dict | None = None) -> str:
+    """The command's output for ``rows`` (no database needed; used by tests)."""
+    return render(rows, fmt, header)
 
 
 def main(args, registry):
-    raise TsdfBenchError("'tsdf-bench leaderboard' is not built yet")
+    rows = load_rows(args.results, args.run_id)
+    text = leaderboard_text(rows, args.format)
+    if args.out_dir:
+        for path in write_leaderboards(rows, args.out_dir).values():
+            print(f"wrote {path}", file=sys.stderr)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0

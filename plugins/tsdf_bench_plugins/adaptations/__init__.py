@@ -1,7 +1,20 @@
 """Built-in adaptations, registered through the public hook like a third-party plugin."""
 from tsdf_bench import AdaptationEntry, hookimpl, lazy
 
+_P = "tsdf_bench_plugins.adaptations"
+
 
 @hookimpl
 def register_adaptations(register):
-    pass
+    register(AdaptationEntry("retrain", "Fine-tune the model on the crops collected from protected images (TSDF).",
+                             lazy(f"{_P}.retrain:RetrainAdaptation")))
+    register(AdaptationEntry("none", "No adaptation: protected images go to the original model as they are.",
+                             lazy(f"{_P}.purify:NoAdaptation")))
+    register(AdaptationEntry("jpeg", "Purify inputs by JPEG re-compression (quality 75).",
+                             lazy(f"{_P}.purify:JpegPurification")))
+    register(AdaptationEntry("blur", "Purify inputs by Gaussian blur (sigma 1.0).",
+                             lazy(f"{_P}.purify:BlurPurification")))
+    register(AdaptationEntry("resize", "Purify inputs by down-up resizing (factor 0.5).",
+                             lazy(f"{_P}.purify:ResizePurification")))
+    register(AdaptationEntry("noise", "Purify inputs by adding Gaussian noise (std 0.05).",
+                             lazy(f"{_P}.purify:NoisePurification")))
