@@ -1,0 +1,164 @@
+"""The attacker's data preparation: detect, pick one face per image, crop or align, resize.
+
+This is the step TSDF poisons (the attacker's face detector runs before any retraining): a
+protected image that yields no face, or a crop in the wrong place, never reaches the
+deepfake model's training set.  ``DataPreparation`` is one component so that defenses,
+adaptations and metrics all see the same preparation.
+
+Example::
+
+    prep = DataPreparation(registry.create("detector", "mtcnn"), output_size=64, crop="margin")
+    result = prep(images)            # images [B, 3, H, W] in [-1, 1]
+    result.crops                     # [K, 3, 64, 64], for the K images in result.kept
+    result.failures                  # {index: "no face detected", ...}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .detectors.align import bilinear_crops, similarity_matrix, warp_affine, warped_region_box
+from .detectors.base import FaceDetector
+from .detectors.boxes import box_area, box_iou, square_boxes
+from .detectors.common import check_images
+from .errors import ConfigError
+
+CROPS = ("margin", "align")
+PICKS = ("largest", "most_confident")
+
+
+@dataclass
+class PrepResult:
+    """What the preparation kept.
+
+    ``crops [K, 3, S, S]`` in [-1, 1]; ``kept`` (LongTensor [K]) indices into the batch;
+    ``boxes [K, 4]`` the chosen face's detection box; ``crop_boxes [K, 4]`` the source region
+    each crop shows (xyxy pixels; for "align", the box around the rotated region);
+    ``scores [K]``; ``landmarks [K, 5, 2]`` or None; ``attrs`` the rows of the given attrs for
+    the kept images (or None); ``failures`` {batch index: reason} for the others.
+    """
+
+    crops: torch.Tensor
+    kept: torch.Tensor
+    boxes: torch.Tensor
+    crop_boxes: torch.Tensor
+    scores: torch.Tensor
+    landmarks: torch.Tensor | None = None
+    attrs: torch.Tensor | None = None
+    failures: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> float:
+        total = len(self.kept) + len(self.failures)
+        return len(self.kept) / total if total else 0.0
+
+
+class DataPreparation:
+    """Detect faces and turn each image into one face crop (or a recorded failure).
+
+    Args:
+        detector: a :class:`~tsdf_bench.detectors.base.FaceDetector`.
+        output_size: side S of the square crops.
+        crop: ``"margin"`` (square around the box, enlarged by ``margin`` of its side, resized)
+            or ``"align"`` (5-landmark similarity alignment to the ArcFace template; needs a
+            detector with landmarks: mtcnn or retinaface).
+        margin: extra side fraction for ``"margin"`` (default 0.2).
+        min_score: faces scoring below are ignored (default 0.0: the detector's own threshold).
+        min_face: faces whose box side (max of width, height) is below this many pixels are
+            ignored (default 0).
+        pick: ``"largest"`` (default) or ``"most_confident"`` face when several are found.
+
+    Crops are differentiable in the images (the boxes are constants).
+    """
+
+    def __init__(self, detector: FaceDetector, output_size: int, crop: str = "margin", margin: float = 0.2,
+                 min_score: float = 0.0, min_face: float = 0.0, pick: str = "largest"):
+        if not isinstance(detector, FaceDetector):
+            raise ConfigError(f"DataPreparation: detector must be a FaceDetector, got {type(detector).__name__}; "
+                              "create one with registry.create('detector', NAME)")
+        if crop not in CROPS:
+            raise ConfigError(f"DataPreparation: crop must be one of {CROPS}, got {crop!r}")
+        if pick not in PICKS:
+            raise ConfigError(f"DataPreparation: pick must be one of {PICKS}, got {pick!r}")
+        if int(output_size) < 8:
+            raise ConfigError(f"DataPreparation: output_size must be >= 8 pixels, got {output_size}")
+        if margin < 0:
+            raise ConfigError(f"DataPreparation: margin must be >= 0, got {margin}")
+        self.detector, self.output_size, self.crop, self.margin = detector, int(output_size), crop, float(margin)
+        self.min_score, self.min_face, self.pick = float(min_score), float(min_face), pick
+
+    def _choose(self, det):
+        """Index of the chosen face in ``det`` or a failure reason."""
+        if len(det) == 0:
+            return None, "no face detected"
+        side = torch.maximum(det.boxes[:, 2] - det.boxes[:, 0], det.boxes[:, 3] - det.boxes[:, 1])
+        ok = det.scores >= self.min_score
+        if not ok.any():
+            return None, f"no face scores >= min_score {self.min_score:g} (best {float(det.scores.max()):.3f})"
+        ok &= side >= self.min_face
+        if not ok.any():
+            return None, f"face too small (largest side {float(side.max()):.1f} px < min_face {self.min_face:g})"
+        key = box_area(det.boxes) if self.pick == "largest" else det.scores.float()
+        key = torch.where(ok, key, torch.full_like(key, -float("inf")))
+        return int(torch.argmax(key)), None
+
+    def __call__(self, images: torch.Tensor, attrs: torch.Tensor | None = None) -> PrepResult:
+        images = check_images(images, self.detector.name)
+        if attrs is not None and len(attrs) != len(images):
+            raise ValueError(f"DataPreparation: attrs has {len(attrs)} rows for {len(images)} images")
+        detections = self.detector.detect(images.detach())
+        kept, boxes, scores, lms, failures = [], [], [], [], {}
+        for i, det in enumerate(detections):
+            j, reason = self._choose(det)
+            if reason is None and self.crop == "align" and det.landmarks is None:
+                raise ConfigError(f"DataPreparation: crop='align' needs landmarks but detector "
+                                  f"{self.detector.name!r} gives none; use crop='margin' or mtcnn/retinaface")
+            if reason is not None:
+                failures[i] = reason
+                continue
+            kept.append(i)
+            boxes.append(det.boxes[j].float())
+            scores.append(det.scores[j].float())
+            lms.append(det.landmarks[j].float() if det.landmarks is not None else None)
+        s = self.output_size
+        if not kept:
+            empty = torch.zeros(0, 4)
+            return PrepResult(images.new_zeros(0, 3, s, s), torch.zeros(0, dtype=torch.long), empty, empty.clone(),
+                              torch.zeros(0), None, None if attrs is None else attrs[:0], failures)
+        kept_t = torch.tensor(kept, dtype=torch.long)
+        boxes_t = torch.stack(boxes)
+        landmarks = torch.stack(lms) if lms[0] is not None else None
+        if self.crop == "margin":
+            crop_boxes = square_boxes(boxes_t, self.margin)
+            rois = torch.cat([kept_t[:, None].float(), crop_boxes], 1)
+            crops = bilinear_crops(images, rois, s, supersample=2)
+        else:
+            crops, crop_boxes = [], []
+            for i, pts in zip(kept, landmarks):
+                matrix = similarity_matrix(pts.numpy(), s)
+                crops.append(warp_affine(images[i], matrix, s))
+                crop_boxes.append(warped_region_box(matrix, s))
+            crops, crop_boxes = torch.stack(crops), torch.stack(crop_boxes)
+        return PrepResult(crops=crops, kept=kept_t, boxes=boxes_t, crop_boxes=crop_boxes, scores=torch.stack(scores),
+                          landmarks=landmarks, attrs=None if attrs is None else attrs[kept_t.to(attrs.device)],
+                          failures=failures)
+
+
+def crop_ious(clean: PrepResult, protected: PrepResult) -> dict[int, float]:
+    """IoU between the crop region on each clean image and on its protected version, for every
+    image the clean preparation kept (0.0 where the protected image failed)."""
+    out = {}
+    pos = {int(k): n for n, k in enumerate(protected.kept)}
+    for n, k in enumerate(clean.kept.tolist()):
+        out[k] = float(box_iou(clean.crop_boxes[n], protected.crop_boxes[pos[k]])[0, 0]) if k in pos else 0.0
+    return out
+
+
+def crop_match_rate(clean: PrepResult, protected: PrepResult, threshold: float = 0.5) -> float:
+    """Share of the images with a clean crop whose protected crop overlaps it with IoU >= ``threshold``
+    (the attacker still gets the right face); NaN if the clean preparation kept nothing."""
+    ious = crop_ious(clean, protected)
+    if not ious:
+        return float("nan")
+    return sum(v >= threshold for v in ious.values()) / len(ious)
