@@ -1,0 +1,93 @@
+"""Losses against face detectors, shared by the poisoning defenses (TSDF stage 2, FacePoison).
+
+A detector's differentiable view is :class:`tsdf_bench.detectors.base.DetectorOutput`
+(``features`` list, ``scores [B, A]``, ``boxes [B, A, 4]`` xyxy pixels).  Gradients flow
+through every detector and every scale used (the TSDF release loses most of them; see
+``../shared/docs/defenses.md``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def differentiable(detectors: Sequence) -> list:
+    """The detectors that have a differentiable ``forward_attack`` (black-box ones are skipped)."""
+    return [d for d in detectors if getattr(d, "differentiable", True)]
+
+
+def first_scales(features: Sequence[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The first ``n`` feature maps (shallow to deep), or all of them if the detector has fewer."""
+    return list(features[:n])
+
+
+class FixedProjections:
+    """Seeded 1x1 projections of every detector's feature maps to ``channels`` channels.
+
+    Drawn once from ``seed`` when first needed (the TSDF release re-draws them on every call,
+    which makes its loss a moving target).  ``channels=None`` keeps the maps as they are.
+    """
+
+    def __init__(self, channels: int | None, seed: int):
+        self.channels, self.seed = channels, seed
+        self.weights: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, det_index: int, scale: int, feat: torch.Tensor) -> torch.Tensor:
+        if self.channels is None:
+            return feat
+        key = (det_index, scale)
+        w = self.weights.get(key)
+        if w is None or w.shape[1] != feat.shape[1]:
+            g = torch.Generator().manual_seed(self.seed * 1000 + det_index * 37 + scale)
+            w = torch.randn(self.channels, feat.shape[1], 1, 1, generator=g) / feat.shape[1] ** 0.5
+            self.weights[key] = w
+        return F.conv2d(feat, w.to(feat.device, feat.dtype))
+
+
+def fused_scales(outputs: Sequence, project: FixedProjections, size: int, n_scales: int) -> list[torch.Tensor]:
+    """Per scale, every detector's (projected, resized to ``size``) map concatenated on channels.
+
+    ``outputs`` holds one ``DetectorOutput`` per detector.  Returns ``n_scales`` tensors
+    ``[B, C_total, size, size]`` (fewer if no detector has that many scales).
+    """
+    fused = []
+    for s in range(n_scales):
+        maps = []
+        for d, out in enumerate(outputs):
+            feats = first_scales(out.features, n_scales)
+            if s < len(feats):
+                f = feats[s]
+                # projection and bilinear resizing commute (both linear): do the cheaper order
+                if project.channels is not None and f.shape[1] < project.channels:
+                    f = F.interpolate(f, size=(size, size), mode="bilinear", align_corners=False)
+                    maps.append(project(d, s, f))
+                else:
+                    maps.append(F.interpolate(project(d, s, f), size=(size, size), mode="bilinear",
+                                              align_corners=False))
+        if maps:
+            fused.append(torch.cat(maps, dim=1))
+    return fused
+
+
+def tiny_boxes(boxes: torch.Tensor, half_size: float = 0.5) -> torch.Tensor:
+    """A box of ``2*half_size`` pixels centred on each box's centre (TSDF's box target)."""
+    cx = (boxes[..., 0] + boxes[..., 2]) / 2
+    cy = (boxes[..., 1] + boxes[..., 3]) / 2
+    return torch.stack([cx - half_size, cy - half_size, cx + half_size, cy + half_size], dim=-1)
+
+
+def output_loss(adv, clean, image_size: int) -> torch.Tensor:
+    """Paper eq. 13: scores to 0 and boxes to a tiny box at their clean centre.
+
+    ``1/N sum_i (s_i^2 + ||b_i - b_target,i||_1)`` where the sum runs over anchors weighted by
+    the clean score (detached), so the anchors that found the face dominate instead of the
+    thousands of background anchors; boxes are divided by the image size so both terms are
+    on a comparable [0, 1] scale.
+    """
+    w = clean.scores.detach().clamp_min(0)
+    w = w / (w.sum(dim=1, keepdim=True) + 1e-8)
+    target = tiny_boxes(clean.boxes.detach())
+    box_l1 = (adv.boxes - target).abs().sum(-1) / float(image_size)
+    return (w * (adv.scores ** 2 + box_l1)).sum(dim=1).mean()
