@@ -1,12 +1,55 @@
-"""``tsdf-bench run``: (not built yet)."""
-from ..errors import TsdfBenchError
+"""``tsdf-bench run``: run a benchmark config (or resume one) and write tables and figures."""
+from __future__ import annotations
 
-HELP = "run (not built yet)"
+from pathlib import Path
+
+HELP = "run a benchmark config: defenses x models x attacker adaptations x retraining rounds x seeds"
+DEFAULT_CONFIG = "configs/demo.toml"
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("config", nargs="?", default=None, metavar="CONFIG",
+                        help=f"TOML run config (default {DEFAULT_CONFIG}; with --resume: the run's stored config)")
+    parser.add_argument("--resume", metavar="RUN_ID|latest",
+                        help="continue an interrupted run, skipping its finished cells (same config required)")
+    parser.add_argument("--output", metavar="DIR", help="output folder (default: the config's [run] output, 'runs')")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override [run] device")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-figures", action="store_true", help="skip the figures")
 
 
-def main(args, registry):
-    raise TsdfBenchError("'tsdf-bench run' is not built yet")
+def main(args, registry) -> int:
+    from ..config import load_config
+    from ..harness.session import run_config, stored_config, DB_NAME
+    from ..harness.store import ResultsStore
+
+    config_path = args.config
+    if config_path is None and args.resume is None:
+        config_path = DEFAULT_CONFIG
+    cfg = load_config(config_path) if config_path is not None else None
+    if cfg is None and args.device:  # resuming from the stored config with a device override
+        output = Path(args.output or "runs")
+        store = ResultsStore(output / DB_NAME)
+        cfg = stored_config(store, store.resolve(args.resume))
+    if cfg is not None and args.device:
+        cfg = cfg.replace(run__device=args.device)
+    outputs = run_config(cfg, registry, output=args.output, resume=args.resume, progress=not args.no_progress,
+                         figures=not args.no_figures)
+    s = outputs.summary
+    print(f"\nrun {s.run_id}: {s.ok}/{s.total} cells ok"
+          + (f", {s.skipped} finished earlier (resumed)" if s.skipped else "")
+          + (f", {len(s.errors)} failed" if s.errors else ""))
+    for err in s.errors[:10]:
+        print(f"  error {err['defense']}/{err['model']}/{err['adaptation']}/round {err['round']}/seed {err['seed']}: "
+              f"{(err['error'] or '').splitlines()[0][:200]}")
+    if len(s.errors) > 10:
+        print(f"  ... and {len(s.errors) - 10} more (see results.csv; tracebacks in results.json)")
+    for kind, paths in outputs.files.items():
+        if paths:
+            folders = sorted({str(p.parent) for p in paths})
+            print(f"{kind}: {', '.join(folders)} ({len(paths)} file(s))")
+    for warning in outputs.warnings:
+        print(f"warning: {warning}")
+    if s.errors:
+        print(f"failed cells are retried by: tsdf-bench run --resume {s.run_id} --output {s.run_dir.parent}")
+    return 1 if s.errors else 0

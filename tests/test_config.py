@@ -1,0 +1,129 @@
+"""Run configs: TOML -> dataclasses, key checking with closest-match hints, names, hashing."""
+from pathlib import Path
+
+import pytest
+
+from tsdf_bench.config import check_names, load_config, to_toml
+from tsdf_bench.errors import ConfigError, UnknownNameError
+from tsdf_bench.plugins import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKES = Path(__file__).parent / "harness_fakes"
+
+MINIMAL = """
+[run]
+name = "t"
+scale = "smoke"
+seeds = [0, 1]
+
+[models]
+names = ["fake-gan"]
+
+[defenses]
+names = ["fake-shift"]
+eps = 0.04
+
+[defenses.fake-shift]
+strength = 0.5
+"""
+
+
+def write(tmp_path, text, name="c.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_resolves_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.run.seeds == [0, 1] and cfg.run.rounds == 1 and cfg.run.output == "runs"
+    assert cfg.data.source == "embedded" and cfg.adaptations.names == ["retrain"]
+    assert cfg.detectors.attacker == "mtcnn"
+    assert cfg.defenses.options_for("fake-shift") == {"eps": 0.04, "strength": 0.5}
+    assert cfg.defenses.options_for("other") == {"eps": 0.04}
+
+
+def test_typo_key_names_table_and_closest_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL.replace("seeds =", "seed =")))
+    msg = str(err.value)
+    assert "'seed'" in msg and "[run]" in msg and "Did you mean 'seeds'" in msg
+    with pytest.raises(ConfigError, match=r"\[data\].*Did you mean 'n_collect'"):
+        load_config(write(tmp_path, MINIMAL + "\n[data]\nn_colect = 3\n"))
+
+
+def test_unknown_table_and_options_for_unlisted_plugin(tmp_path):
+    with pytest.raises(ConfigError, match="unknown table \\[defences\\].*Did you mean 'defenses'"):
+        load_config(write(tmp_path, MINIMAL + "\n[defences]\nnames = ['x']\n"))
+    with pytest.raises(ConfigError, match=r"\[defenses.fake-shif\].*Did you mean 'fake-shift'"):
+        load_config(write(tmp_path, MINIMAL + "\n[defenses.fake-shif]\nstrength = 1\n"))
+
+
+@pytest.mark.parametrize("text, match", [
+    ('[run]\nseeds = "0"\n', "seeds must be a list"),
+    ('[run]\nscale = "huge"\n', "scale = 'huge'"),
+    ('[run]\ndevice = "tpu"\n', "device = 'tpu'"),
+    ('[run]\nrounds = -1\n', "rounds = -1"),
+    ('[data]\nsource = "celeba"\n', "needs path"),
+    ('[data]\nn_eval = 0\n', "n_eval must be >= 1"),
+])
+def test_bad_values(tmp_path, text, match):
+    base = '[models]\nnames = ["fake-gan"]\n[defenses]\nnames = ["fake-shift"]\n'
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, base + text))
+
+
+def test_missing_required_names_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[defenses\] needs a non-empty names"):
+        load_config(write(tmp_path, '[models]\nnames = ["a"]\n'))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[run\n"))
+
+
+def test_unknown_plugin_name_uses_registry_error(tmp_path):
+    registry = Registry(plugins_dirs=[FAKES], entry_points=False)
+    cfg = load_config(write(tmp_path, MINIMAL.replace('names = ["fake-shift"]', 'names = ["fake-shfit"]')
+                            .replace("[defenses.fake-shift]\nstrength = 0.5\n", "")
+                            + '\n[detectors]\nattacker = "fake-det"\n[adaptations]\nnames = ["fake-retrain"]\n'
+                            '[metrics]\nnames = ["fake-metric"]\n'))
+    with pytest.raises(UnknownNameError) as err:
+        check_names(cfg, registry)
+    assert "fake-shift" in str(err.value) and "Did you mean" in str(err.value)
+
+
+def test_hash_ignores_output_and_changes_with_content(tmp_path):
+    a = load_config(write(tmp_path, MINIMAL))
+    b = a.replace(run__output="elsewhere", run__publish="pub")
+    c = a.replace(defenses__eps=0.03)
+    assert a.hash == b.hash and len(a.hash) == 64
+    assert a.hash != c.hash
+
+
+def test_resolved_toml_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    again = load_config(write(tmp_path, to_toml(cfg), "resolved.toml"))
+    assert again.hash == cfg.hash
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("name", ["demo.toml", "paper.toml", "smoke.toml"])
+def test_shipped_configs_are_valid(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.run.scale == name.split(".")[0]
+    if name == "demo.toml":
+        assert cfg.defenses.names == ["tsdf", "cmua", "found", "pgd", "facepoison", "noise", "none"]
+        assert cfg.models.names == ["stargan", "attentiongan", "attgan", "hisd"]
+        assert cfg.detectors.attacker == "mtcnn" and cfg.adaptations.names == ["retrain"] and cfg.run.rounds == 1
+
+
+@pytest.mark.parametrize("name", ["demo.toml", "paper.toml", "smoke.toml"])
+def test_shipped_configs_match_the_builtin_plugins(name):
+    """Every plugin name and option of the shipped configs exists (nothing heavy is built)."""
+    from tsdf_bench.harness.runner import check_options
+
+    registry = Registry()
+    cfg = load_config(ROOT / "configs" / name)
+    check_names(cfg, registry)
+    check_options(cfg, registry)

@@ -1,0 +1,92 @@
+"""``tsdf-bench run --resume``: a run SIGKILLed midway and resumed gives the rows of an uninterrupted run."""
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tsdf_bench.harness import ResultsStore
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import run_cli  # noqa: E402
+from test_runner import CONFIG  # noqa: E402
+
+FAKES = Path(__file__).parent / "harness_fakes"
+IGNORED = ("run_id", "timings", "traceback", "git_commit", "git_dirty")  # the lead may commit mid-test
+
+
+def comparable(rows):
+    return sorted(({k: v for k, v in r.items() if k not in IGNORED} for r in rows),
+                  key=lambda r: (r["seed"], r["defense"], r["model"], r["adaptation"], r["round"]))
+
+
+def cli(*args, env=None):
+    """In a subprocess (needed where the process gets killed; costs a torch import, ~3-10 s)."""
+    return run_cli("--plugins-dir", str(FAKES), "run", *args, "--no-progress",
+                   env={"OMP_NUM_THREADS": "1", "TSDF_BENCH_STRICT_PLUGINS": "0", **(env or {})})
+
+
+def cli_here(capsys, *args):
+    """In this process: ``(exit code, stdout, stderr)``."""
+    from tsdf_bench.cli import main
+
+    code = main(["--plugins-dir", str(FAKES), "run", *args, "--no-progress"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_rows(tmp_path, capsys):
+    config = tmp_path / "fake.toml"
+    config.write_text(CONFIG)
+    # the reference: one uninterrupted run
+    code, _, err = cli_here(capsys, str(config), "--output", str(tmp_path / "ref"))
+    assert code == 1, err  # 1: the fake-broken defense's cells failed (on purpose)
+    ref_rows = ResultsStore(tmp_path / "ref" / "results.sqlite").rows()
+    assert len(ref_rows) == 48
+    # the same run, SIGKILLed by the fake metric while it measures its 8th cell
+    out = tmp_path / "out"
+    killed = cli(str(config), "--output", str(out),
+                 env={"TSDF_FAKE_KILL_AFTER": "7", "TSDF_FAKE_COUNTER": str(tmp_path / "counter")})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    store = ResultsStore(out / "results.sqlite")
+    (run,) = store.runs()
+    assert run["status"] == "running"  # a kill leaves no chance to mark it; the cells are intact
+    partial = store.rows(run["run_id"])
+    assert len([r for r in partial if r["status"] == "ok"]) == 7
+    # a different config is refused with a clear message
+    other = tmp_path / "other.toml"
+    other.write_text(CONFIG.replace("steps = 3", "steps = 4"))
+    code, _, err = cli_here(capsys, str(other), "--output", str(out), "--resume", "latest")
+    assert code == 2 and "config hash" in err and "differ" in err
+    # resume (the stored config is reused when none is given)
+    code, stdout, err = cli_here(capsys, "--output", str(out), "--resume", "latest")
+    assert code == 1, err
+    assert "finished earlier (resumed)" in stdout
+    rows = store.rows(run["run_id"])
+    got, want = comparable(rows), comparable(ref_rows)
+    diffs = [(w["defense"], w["model"], w["adaptation"], w["round"], w["seed"], k, g.get(k), w.get(k))
+             for g, w in zip(got, want) for k in set(g) | set(w) if g.get(k) != w.get(k)]
+    assert len(got) == len(want) and not diffs, diffs[:10]
+    assert store.run(run["run_id"])["status"] == "finished-with-errors"
+    assert (out / run["run_id"] / "results.csv").is_file()
+
+
+def test_resume_errors_are_clear(tmp_path, capsys):
+    code, _, err = cli_here(capsys, "--output", str(tmp_path / "none"), "--resume", "latest")
+    assert code == 2 and "no results database" in err
+    config = tmp_path / "fake.toml"
+    config.write_text(CONFIG)
+    ResultsStore(tmp_path / "runs" / "results.sqlite")
+    code, _, err = cli_here(capsys, str(config), "--output", str(tmp_path / "runs"), "--resume", "nope")
+    assert code == 2 and "no run 'nope'" in err

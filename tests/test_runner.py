@@ -1,0 +1,193 @@
+"""The runner with fake plugins: expected rows, rounds, provenance, failures, Ctrl-C."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from tsdf_bench.config import load_config
+from tsdf_bench.harness import ResultsStore, run_config
+from tsdf_bench.harness.runner import Cell, plan_cells
+from tsdf_bench.plugins import Registry
+
+FAKES = Path(__file__).parent / "harness_fakes"
+
+CONFIG = """
+[run]
+name = "fake"
+scale = "smoke"
+seeds = [0, 1]
+device = "cpu"
+rounds = 2
+
+[data]
+source = "synthetic"
+image_size = 32
+n_train_defense = 4
+n_collect = 6
+n_eval = 4
+batch_size = 3
+
+[models]
+names = ["fake-gan", "fake-gan8"]
+train = false
+
+[defenses]
+names = ["fake-shift", "fake-perimage", "fake-broken"]
+
+[detectors]
+names = ["fake-det", "fake-blind"]
+attacker = "fake-det"
+
+[detectors.fake-blind]
+threshold = -2.0
+
+[adaptations]
+names = ["fake-retrain", "fake-purify"]
+steps = 3
+
+[metrics]
+names = ["fake-metric"]
+"""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The fakes are tiny: extra threads only fight over the shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fake_registry():
+    return Registry(plugins_dirs=[FAKES], entry_points=False)
+
+
+def make_config(tmp_path, text=CONFIG, name="fake.toml"):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / name
+    path.write_text(text)
+    return load_config(path)
+
+
+def run(tmp_path, text=CONFIG, **kw):
+    cfg = make_config(tmp_path, text)
+    return run_config(cfg, fake_registry(), output=tmp_path / "runs", progress=False, log=lambda m: None,
+                      figures=kw.pop("figures", False), **kw)
+
+
+def test_plan_rounds_only_for_retraining_adaptations(tmp_path):
+    cfg = make_config(tmp_path)
+    cells = plan_cells(cfg, {"fake-retrain": True, "fake-purify": False})
+    assert len(cells) == 2 * 3 * 2 * (3 + 1)
+    assert Cell("fake-shift", "fake-gan", "fake-retrain", 2, 1) in cells
+    assert not any(c.adaptation == "fake-purify" and c.round > 0 for c in cells)
+
+
+def test_run_produces_expected_rows(tmp_path):
+    out = run(tmp_path)
+    rows = out.rows
+    assert out.summary.total == len(rows) == 48
+    by_key = {(r["defense"], r["model"], r["adaptation"], r["round"], r["seed"]): r for r in rows}
+    # the failing defense: every one of its cells is an error, with the message and a traceback
+    broken = [r for r in rows if r["defense"] == "fake-broken"]
+    assert len(broken) == 16 and all(r["status"] == "error" for r in broken)
+    assert "failed on purpose" in broken[0]["error"] and "RuntimeError" in broken[0]["traceback"]
+    ok = [r for r in rows if r["defense"] != "fake-broken"]
+    assert all(r["status"] == "ok" for r in ok) and out.summary.ok == 32 and len(out.summary.errors) == 16
+    for r in ok:
+        assert r["fake_l2"] >= 0 and r["fake_boxes"] == 4.0  # fake-det finds 4 faces, fake-blind none
+        assert len(r["config_hash"]) == 64 and r["scale"] == "smoke" and r["device"].startswith("cpu")
+        assert r["versions"]["torch"] and len(r["perturbation_sha256"]) == 64 and len(r["data_hash"]) == 64
+        assert len(r["checkpoint_sha256"]) == 64 and "git_commit" in r and "git_dirty" in r
+        if r["round"] == 0:
+            assert r["fake_crop_yield"] is None and r["checkpoint_sha256"] == r["base_checkpoint_sha256"]
+        else:
+            assert 0 <= r["fake_crop_yield"] <= 1 and r["retrain_images"] == 6 and not r["model_unchanged"]
+            assert r["checkpoint_sha256"] != r["base_checkpoint_sha256"]
+            assert r["adaptation_info"] == {"images": 6, "steps": 3} and "retrained_clean_mse" in r
+    # retraining changes the forgeries; each round builds on the previous one
+    r0, r1, r2 = (by_key[("fake-shift", "fake-gan", "fake-retrain", k, 0)] for k in range(3))
+    assert len({r0["fake_l2"], r1["fake_l2"], r2["fake_l2"]}) == 3
+    assert len({r0["checkpoint_sha256"], r1["checkpoint_sha256"], r2["checkpoint_sha256"]}) == 3
+    # the universal defense depends on its seed; round 0 is shared by both adaptations' seeds' models
+    assert by_key[("fake-shift", "fake-gan", "fake-retrain", 0, 0)]["perturbation_sha256"] != \
+        by_key[("fake-shift", "fake-gan", "fake-retrain", 0, 1)]["perturbation_sha256"]
+    assert not any(k[2] == "fake-purify" and k[3] > 0 for k in by_key)
+    # outputs written next to the store
+    run_dir = out.summary.run_dir
+    assert (run_dir / "config.toml").is_file() and (run_dir / "results.csv").is_file()
+    assert (run_dir / "perturbations" / "fake-shift-seed0.pt").is_file()
+    assert (run_dir / "cache").is_dir()  # kept: some cells failed, a resume may retry them
+
+
+def test_runs_are_deterministic(tmp_path):
+    a = run(tmp_path / "a").rows
+    b = run(tmp_path / "b").rows
+    ignored = ("run_id", "timings", "traceback", "git_commit", "git_dirty")  # the lead may commit mid-test
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ignored} for r in rows]  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+def test_no_crop_survives_model_unchanged(tmp_path):
+    text = CONFIG.replace('attacker = "fake-det"', 'attacker = "fake-blind"')
+    text = text.replace('["fake-shift", "fake-perimage", "fake-broken"]', '["fake-shift"]')
+    text = text.replace("seeds = [0, 1]", "seeds = [0]").replace('names = ["fake-retrain", "fake-purify"]',
+                                                                   'names = ["fake-retrain"]')
+    rows = run(tmp_path, text).rows
+    later = [r for r in rows if r["round"] > 0]
+    assert later and all(r["status"] == "ok" for r in rows)
+    for r in later:
+        assert r["retrain_images"] == 0 and r["model_unchanged"] and r["fake_crop_yield"] == 0.0
+        assert r["checkpoint_sha256"] == r["base_checkpoint_sha256"]
+    r0 = [r for r in rows if r["round"] == 0 and r["model"] == "fake-gan"][0]
+    r2 = [r for r in rows if r["round"] == 2 and r["model"] == "fake-gan"][0]
+    assert r0["fake_l2"] == r2["fake_l2"]
+
+
+def test_failing_metric_is_an_error_cell_and_others_finish(tmp_path):
+    text = CONFIG.replace('names = ["fake-gan", "fake-gan8"]', 'names = ["fake-gan"]')
+    text = text.replace('["fake-shift", "fake-perimage", "fake-broken"]', '["fake-shift", "fake-perimage"]')
+    text = text.replace("rounds = 2", "rounds = 1").replace("seeds = [0, 1]", "seeds = [0]")
+    ok_rows = run(tmp_path / "ok", text).rows
+    bad = run(tmp_path / "bad",
+              text.replace('names = ["fake-metric"]', 'names = ["fake-metric", "fake-broken-metric"]'))
+    assert len(bad.rows) == len(ok_rows) == 6
+    assert all(r["status"] == "error" and "failed on purpose" in r["error"] for r in bad.rows)
+    assert all(r["status"] == "ok" for r in ok_rows)
+
+
+def test_keyboard_interrupt_keeps_finished_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("TSDF_FAKE_INTERRUPT_AFTER", "5")
+    monkeypatch.setenv("TSDF_FAKE_COUNTER", str(tmp_path / "counter"))
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path)
+    store = ResultsStore(tmp_path / "runs" / "results.sqlite")
+    (info,) = store.runs()
+    assert info["status"] == "interrupted"
+    assert len([r for r in store.rows(info["run_id"]) if r["status"] == "ok"]) == 5
+
+
+def test_misspelt_plugin_option_is_a_config_error(tmp_path):
+    from tsdf_bench.errors import ConfigError
+
+    text = CONFIG + "\n[defenses.fake-shift]\nstrenght = 2.0\n"
+    with pytest.raises(ConfigError, match=r"\[defenses.fake-shift\].*'strenght'.*Did you mean 'strength'"):
+        run(tmp_path, text)
+    assert not (tmp_path / "runs").exists()  # refused before any run was created
+
+
+@pytest.mark.slow
+def test_smoke_config_runs_end_to_end_with_the_real_plugins(tmp_path):
+    """configs/smoke.toml with the built-in plugins: trains a smoke model, fits, retrains, measures."""
+    from tsdf_bench.config import load_config as load
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load(root / "configs" / "smoke.toml")
+    out = run_config(cfg, Registry(), output=tmp_path / "runs", progress=False, log=lambda m: None)
+    assert [r["status"] for r in out.rows] == ["ok"] * len(out.rows) and len(out.rows) == 4
+    for r in out.rows:
+        assert r["sr_mask"] is not None and r["det_f1_mtcnn"] is not None and len(r["checkpoint_sha256"]) == 64
+        assert (r["crop_yield"] is None) == (r["round"] == 0)
+    assert sorted(out.files) == ["figures", "leaderboard", "results"]
+    assert (out.summary.run_dir / "leaderboard" / "leaderboard.md").is_file()

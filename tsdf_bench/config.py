@@ -1,0 +1,364 @@
+"""Run configs: a TOML file resolved into dataclasses, validated, and hashed.
+
+A config names *what* to run (defenses x models x adaptations x seeds, for how many retraining
+rounds) and on *which* data.  Every key is checked: a typo is a :class:`ConfigError` naming the
+key, its table and the closest valid key, so a misspelt option never silently falls back to a
+default.  Plugin names are checked against the registry by :func:`check_names` (an unknown name
+raises the registry's :class:`UnknownNameError`, which lists the valid names).
+
+Layout (every table but ``[models]`` and ``[defenses]`` is optional)::
+
+    [run]          name, scale ("paper"|"demo"|"smoke"), seeds, device ("auto"|"cpu"|"cuda"),
+                   output (default "runs"), rounds (0 = inference only; 1 = round 0 + one
+                   retraining round; ...), publish (a folder that also gets the leaderboard
+                   tables, e.g. "leaderboards/demo"; default none)
+    [data]         source ("embedded"|"celeba"|"folder"|"synthetic"), path, image_size,
+                   n_train_defense (images the defense is fitted on), n_collect (protected
+                   images the attacker collects to retrain), n_eval (held-out protected images
+                   measured), batch_size, protocol (CelebA: "cmua"|"stargan"|"official"),
+                   attributes (label columns; default AttGAN's 13), attr_csv (folder labels)
+    [models]       names, train (default true: demo/smoke models without a checkpoint are trained
+                   on first use by tsdf_bench.models.zoo; false: the plugin's model as created);
+                   [models.<name>] options passed to the model (checkpoint = "...")
+    [defenses]     names, eps (default budget for all); [defenses.<name>] options
+    [detectors]    names (measured), attacker (the detector of the attacker's data preparation,
+                   default "mtcnn"), crop (the data preparation's crop mode: "margin" or
+                   "align"; see tsdf_bench.prep), white_box (the
+                   detectors the defenses are fitted against; default: the differentiable ones
+                   of names + attacker); [detectors.<name>] options
+    [adaptations]  names (default ["retrain"]), steps (fine-tuning steps per round);
+                   [adaptations.<name>] options
+    [metrics]      names (default: every registered metric); [metrics.<name>] options
+
+``source = "synthetic"`` is seeded random smooth images with random attributes: it exists for
+tests of the harness only and says nothing about faces.
+
+The config hash is the sha256 of the canonical JSON of the resolved config *without*
+``run.output`` and ``run.publish`` (where results are written does not change them); ``--resume`` requires it to match.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SCALES = ("paper", "demo", "smoke")
+DEVICES = ("auto", "cpu", "cuda")
+SOURCES = ("embedded", "celeba", "folder", "synthetic")
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    scale: str = "demo"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    device: str = "auto"
+    output: str = "runs"
+    rounds: int = 1
+    publish: str = ""  # a folder that also receives the leaderboard tables (demo: leaderboards/demo)
+
+
+@dataclass
+class DataSection:
+    source: str = "embedded"
+    path: str = ""
+    image_size: int = 128
+    n_train_defense: int = 16
+    n_collect: int = 64
+    n_eval: int = 16
+    batch_size: int = 8
+    protocol: str = "cmua"  # CelebA split protocol: "cmua", "stargan" or "official"
+    attributes: list[str] = field(default_factory=list)  # label columns to load (default: AttGAN's 13)
+    attr_csv: str = ""  # folder source: a CSV of 0/1 labels (path, or a name relative to path)
+
+
+@dataclass
+class PluginSection:
+    """``names`` plus one options table per plugin (``[defenses.tsdf] passes = 2``)."""
+
+    names: list[str] = field(default_factory=list)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def options_for(self, name: str) -> dict[str, Any]:
+        return dict(self.options.get(name, {}))
+
+
+@dataclass
+class ModelsSection(PluginSection):
+    train: bool = True  # demo/smoke models without a checkpoint are trained on first use (models.zoo)
+
+
+@dataclass
+class DefensesSection(PluginSection):
+    eps: float = 0.05
+
+    def options_for(self, name: str) -> dict[str, Any]:
+        return {"eps": self.eps, **self.options.get(name, {})}
+
+
+@dataclass
+class DetectorsSection(PluginSection):
+    attacker: str = "mtcnn"
+    crop: str = "margin"
+    white_box: list[str] | None = None
+
+
+@dataclass
+class AdaptationsSection(PluginSection):
+    names: list[str] = field(default_factory=lambda: ["retrain"])
+    steps: int = 100
+
+
+@dataclass
+class MetricsSection(PluginSection):
+    pass
+
+
+SECTIONS = {
+    "run": RunSection, "data": DataSection, "models": ModelsSection, "defenses": DefensesSection,
+    "detectors": DetectorsSection, "adaptations": AdaptationsSection, "metrics": MetricsSection,
+}
+PLUGIN_KIND = {"models": "model", "defenses": "defense", "detectors": "detector",
+               "adaptations": "adaptation", "metrics": "metric"}
+REQUIRED = {"models": "names", "defenses": "names"}
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    models: ModelsSection = field(default_factory=ModelsSection)
+    defenses: DefensesSection = field(default_factory=DefensesSection)
+    detectors: DetectorsSection = field(default_factory=DetectorsSection)
+    adaptations: AdaptationsSection = field(default_factory=AdaptationsSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    source: str = ""  # the file it came from (not hashed)
+
+    def to_dict(self) -> dict:
+        """The resolved config as plain data (the form stored with every run)."""
+        data = {name: asdict(getattr(self, name)) for name in SECTIONS}
+        return json.loads(json.dumps(data))  # plain lists/dicts, a deep copy
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the canonical resolved config (``run.output`` and ``run.publish`` excluded)."""
+        data = self.to_dict()
+        data["run"].pop("output", None)
+        data["run"].pop("publish", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def white_box_detectors(self, differentiable: dict[str, bool]) -> list[str]:
+        """The detectors defenses are fitted against (see :class:`DetectorsSection`)."""
+        if self.detectors.white_box is not None:
+            return list(self.detectors.white_box)
+        names = list(dict.fromkeys([*self.detectors.names, self.detectors.attacker]))
+        return [n for n in names if differentiable.get(n, False)]
+
+    def replace(self, **overrides) -> "RunConfig":
+        """A copy with ``section__key=value`` overrides (``run__device="cpu"``), validated again."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            section, _, name = key.partition("__")
+            data[section][name] = value
+        return from_dict(_unresolve(data), source=self.source)
+
+
+def _unresolve(data: dict) -> dict:
+    """Turn ``options`` back into sub-tables so :func:`from_dict` can re-read a resolved config."""
+    out = copy.deepcopy(data)
+    for section in PLUGIN_KIND:
+        if section in out:
+            options = out[section].pop("options", {}) or {}
+            for name, opts in options.items():
+                out[section][name] = opts
+            if out[section].get("white_box", "") is None:
+                out[section].pop("white_box")
+    return out
+
+
+def _closest(name, valid):
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.4)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def _unknown(key, table, valid, where):
+    valid = sorted(valid)
+    return ConfigError(f"{where}: unknown key {key!r} in [{table}].{_closest(key, valid)} "
+                       f"Valid keys of [{table}]: {', '.join(valid)}.")
+
+
+def _check_type(value, key, table, where, annotation):
+    """Check one value against its field's default/annotation; return it (ints become floats where needed)."""
+    bad = ConfigError
+    ann = str(annotation)
+    if ann.startswith("list"):
+        if not isinstance(value, list):
+            raise bad(f"{where}: [{table}] {key} must be a list, got {value!r}")
+        inner = int if "int" in ann else str
+        for item in value:
+            if not isinstance(item, inner) or isinstance(item, bool):
+                raise bad(f"{where}: [{table}] {key} must hold {inner.__name__}s, got {item!r}")
+        return list(value)
+    if ann == "bool":
+        if not isinstance(value, bool):
+            raise bad(f"{where}: [{table}] {key} must be true or false, got {value!r}")
+        return value
+    if ann == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad(f"{where}: [{table}] {key} must be an integer, got {value!r}")
+        return value
+    if ann == "float":
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad(f"{where}: [{table}] {key} must be a number, got {value!r}")
+        return float(value)
+    if ann == "str":
+        if not isinstance(value, str):
+            raise bad(f"{where}: [{table}] {key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(data: dict, source: str = "<dict>") -> RunConfig:
+    """Resolve and validate a parsed TOML document (see the module docstring for the layout)."""
+    where = source
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a run config is a TOML document of tables")
+    for table in data:
+        if table not in SECTIONS:
+            raise ConfigError(f"{where}: unknown table [{table}].{_closest(table, SECTIONS)} "
+                              f"Valid tables: {', '.join(SECTIONS)}.")
+    for table, key in REQUIRED.items():
+        if not data.get(table, {}).get(key):
+            raise ConfigError(f"{where}: [{table}] needs a non-empty {key} list, e.g. {key} = [\"...\"]")
+    resolved = {}
+    for table, cls in SECTIONS.items():
+        raw = data.get(table, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: {table} must be a table ([{table}]), got {raw!r}")
+        kwargs, options = {}, {}
+        valid = {f.name: f for f in fields(cls) if f.name != "options"}
+        for key, value in raw.items():
+            if key in valid:
+                f = valid[key]
+                annotation = "list[str]" if key == "white_box" else f.type
+                kwargs[key] = _check_type(value, key, table, where, annotation)
+            elif table in PLUGIN_KIND and isinstance(value, dict):
+                options[key] = dict(value)
+            else:
+                raise _unknown(key, table, valid, where)
+        if table in PLUGIN_KIND:
+            listed = set(kwargs.get("names", cls().names))
+            if table == "detectors":
+                listed |= {kwargs.get("attacker", "mtcnn")} | set(kwargs.get("white_box") or [])
+            for name in options:
+                if name not in listed:
+                    raise ConfigError(
+                        f"{where}: options table [{table}.{name}] is for {name!r}, which is not in "
+                        f"[{table}] names.{_closest(name, listed)} Add it to names or fix the table name.")
+            kwargs["options"] = options
+        resolved[table] = cls(**kwargs)
+    cfg = RunConfig(**resolved, source=str(source))
+    _check_values(cfg, where)
+    return cfg
+
+
+def _check_values(cfg: RunConfig, where: str):
+    r, d = cfg.run, cfg.data
+    if r.scale not in SCALES:
+        raise ConfigError(f"{where}: [run] scale = {r.scale!r}; use one of {', '.join(SCALES)}."
+                          f"{_closest(r.scale, SCALES)}")
+    if r.device not in DEVICES:
+        raise ConfigError(f"{where}: [run] device = {r.device!r}; use one of {', '.join(DEVICES)}")
+    if not r.seeds:
+        raise ConfigError(f"{where}: [run] seeds is empty; give at least one seed, e.g. seeds = [0]")
+    if len(set(r.seeds)) != len(r.seeds):
+        raise ConfigError(f"{where}: [run] seeds has duplicates: {r.seeds}")
+    if r.rounds < 0:
+        raise ConfigError(f"{where}: [run] rounds = {r.rounds}; use 0 (inference only) or more")
+    if d.source not in SOURCES:
+        raise ConfigError(f"{where}: [data] source = {d.source!r}; use one of {', '.join(SOURCES)}."
+                          f"{_closest(d.source, SOURCES)}")
+    if d.source in ("celeba", "folder") and not d.path:
+        raise ConfigError(f"{where}: [data] source = {d.source!r} needs path = \"/path/to/images\"")
+    for key in ("image_size", "n_train_defense", "n_eval", "batch_size"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"{where}: [data] {key} must be >= 1, got {getattr(d, key)}")
+    if d.n_collect < 0:
+        raise ConfigError(f"{where}: [data] n_collect must be >= 0, got {d.n_collect}")
+    if cfg.detectors.crop not in ("margin", "align"):
+        raise ConfigError(f"{where}: [detectors] crop = {cfg.detectors.crop!r}; use \"margin\" (a square around "
+                          "the box) or \"align\" (5-landmark alignment)")
+    if not 0 <= cfg.defenses.eps <= 2:
+        raise ConfigError(f"{where}: [defenses] eps = {cfg.defenses.eps} is outside [0, 2] (the [-1, 1] scale)")
+    if cfg.adaptations.steps < 0:
+        raise ConfigError(f"{where}: [adaptations] steps must be >= 0, got {cfg.adaptations.steps}")
+    for section in PLUGIN_KIND:
+        names = getattr(cfg, section).names
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: [{section}] names has duplicates: {names}")
+
+
+def load_config(path) -> RunConfig:
+    """Read and validate a TOML run config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a TOML run config such as configs/demo.toml")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file: {exc}") from exc
+    return from_dict(data, source=str(path))
+
+
+def check_names(cfg: RunConfig, registry) -> None:
+    """Every plugin name of the config must be registered (raises :class:`UnknownNameError`)."""
+    for section, kind in PLUGIN_KIND.items():
+        for name in getattr(cfg, section).names:
+            registry.get(kind, name)
+    registry.get("detector", cfg.detectors.attacker)
+    for name in cfg.detectors.white_box or ():
+        registry.get("detector", name)
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The resolved config as TOML (written next to a run's results)."""
+    data = _unresolve(cfg.to_dict())
+    lines = [f"# resolved run config (config hash {cfg.hash})", f"# from {cfg.source}", ""]
+
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(v)
+
+    for table, body in data.items():
+        lines.append(f"[{table}]")
+        subs = {}
+        for key, v in body.items():
+            if table in PLUGIN_KIND and isinstance(v, dict):
+                subs[key] = v
+            elif v is not None:
+                lines.append(f"{key} = {value(v)}")
+        lines.append("")
+        for name, opts in subs.items():
+            bare = name.replace("-", "").replace("_", "").isalnum()
+            lines.append(f"[{table}.{name if bare else json.dumps(name)}]")
+            lines.extend(f"{k} = {value(v)}" for k, v in opts.items())
+            lines.append("")
+    return "\n".join(lines)

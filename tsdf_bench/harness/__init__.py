@@ -1,0 +1,12 @@
+"""The benchmark harness: run configs into a results store, then tables and figures.
+
+``run_config(cfg, registry, output=..., resume=...)`` is what ``tsdf-bench run`` calls;
+:class:`Runner` runs the cells, :class:`ResultsStore` keeps them (SQLite), :mod:`.figures`
+draws them, :mod:`.provenance` records what is needed to reproduce each row.
+"""
+from .runner import Cell, Runner, RunSummary, plan_cells
+from .session import RunOutputs, open_run, run_config
+from .store import ResultsStore, StoreError
+
+__all__ = ["Cell", "Runner", "RunSummary", "plan_cells", "RunOutputs", "open_run", "run_config", "ResultsStore",
+           "StoreError"]
