@@ -1,0 +1,97 @@
+"""Strict official-checkpoint loading, our checkpoint files, manifests and the model zoo cache."""
+import json
+
+import pytest
+import torch
+
+from tsdf_bench import get_registry
+from tsdf_bench.errors import CheckpointError
+from tsdf_bench.models import checkpoints, zoo
+
+
+class Evil:
+    """A pickled object: ``torch.load(weights_only=True)`` must refuse it."""
+
+
+def _model(name, scale="smoke"):
+    return get_registry().create("model", name, scale=scale)
+
+
+def test_official_formats_load_strictly(tmp_path):
+    src = _model("stargan")
+    bare = tmp_path / "200000-G.ckpt"
+    torch.save(src.official_state_dict(), bare)
+    loaded = get_registry().create("model", "stargan", scale="smoke", checkpoint=str(bare))
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), loaded.state_dict().values()))
+    att = _model("attgan")
+    full = tmp_path / "weights.199.pth"
+    torch.save({"G": att.official_state_dict(), "D": att.make_discriminator().state_dict(),
+                "optim_G": {}, "optim_D": {}}, full)
+    for path in (full,):
+        loaded = get_registry().create("model", "attgan", scale="smoke", checkpoint=str(path))
+        assert torch.equal(loaded.G.dec_layers[-1].layers[0].weight, att.G.dec_layers[-1].layers[0].weight)
+    torch.save(att.official_state_dict(), tmp_path / "bare_attgan.pth")
+    get_registry().create("model", "attgan", scale="smoke", checkpoint=str(tmp_path / "bare_attgan.pth"))
+
+
+def test_wrong_model_or_scale_names_the_keys_and_the_fix(tmp_path):
+    path = tmp_path / "attgan.pth"
+    torch.save(_model("attgan").official_state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        get_registry().create("model", "stargan", scale="smoke", checkpoint=str(path))
+    msg = str(err.value)
+    assert "missing key(s): main.0.weight" in msg and "unexpected key(s): enc_layers.0" in msg
+    assert "Fix:" in msg and "scale 'paper'" in msg
+    torch.save(_model("attentiongan").official_state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"1 shape mismatch\(es\): main\.\d+\.weight: found \(4, 8, 7, 7\)"):
+        get_registry().create("model", "stargan", scale="smoke", checkpoint=str(path))
+    torch.save(_model("stargan", "demo").official_state_dict(), path)
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        get_registry().create("model", "stargan", scale="smoke", checkpoint=str(path))
+
+
+def test_missing_unsafe_or_corrupt_files_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoints.load_model_checkpoint(_model("stargan"), tmp_path / "nope.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="could not be read safely"):
+        checkpoints.load_model_checkpoint(_model("stargan"), tmp_path / "junk.ckpt")
+    torch.save({"x": Evil()}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="no pickled objects"):
+        checkpoints.load_model_checkpoint(_model("stargan"), tmp_path / "evil.ckpt")
+
+
+def test_our_checkpoint_roundtrip_and_manifest(tmp_path):
+    model = _model("attentiongan")
+    path = tmp_path / "m.pt"
+    info = checkpoints.save_model(model, path, model.make_discriminator(), manifest={"seed": 3})
+    manifest = json.loads((tmp_path / "m.pt.json").read_text())
+    assert manifest["sha256"] == checkpoints.sha256_file(path) == info["sha256"]
+    assert manifest["seed"] == 3 and manifest["versions"]["torch"] and manifest["config"]["conv_dim"] == 8
+    other = _model("attentiongan")
+    checkpoints.load_model_checkpoint(other, path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    with pytest.raises(CheckpointError, match="holds 'attentiongan' at scale 'smoke'"):
+        checkpoints.load_model_checkpoint(_model("stargan"), path)
+
+
+def test_zoo_trains_once_then_loads_the_cache(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setenv("TSDF_BENCH_CACHE", str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    names = ["Young", "Male", "Blond_Hair", "Extra", "Brown_Hair", "Black_Hair"]
+    data = (torch.rand(6, 3, 48, 48, generator=g) * 2 - 1, (torch.rand(6, 6, generator=g) > 0.5).float(), names)
+    first = zoo.get_model("stargan", scale="smoke", train_data=data, progress=False, grid=False)
+    path = zoo.model_path("stargan", "smoke")
+    manifest = checkpoints.read_manifest(path)
+    assert manifest["steps"] == zoo.SMOKE_RECIPE["steps"] and manifest["seed"] == 0 and manifest["data_hash"]
+    monkeypatch.setattr(zoo, "train", lambda *a, **k: pytest.fail("cached model was retrained"))
+    second = zoo.get_model("stargan", scale="smoke", train_data=data, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    grid = zoo.save_edit_grid(second, data[0][:2, :, :32, :32], torch.zeros(2, 5), tmp_path / "g.png")
+    from PIL import Image
+
+    assert Image.open(grid).size == (6 * 34 + 2, 2 * 34 + 2)
+    report = zoo.edit_report(second, checkpoints.load_discriminator(second, path), data[0][:, :, :32, :32],
+                             torch.zeros(6, 5))
+    assert len(report["per_target"]) == 5 and 0 <= report["cls_acc_edited"] <= 1

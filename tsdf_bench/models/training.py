@@ -1,0 +1,271 @@
+"""One GAN training loop for every deepfake model: demo training from scratch and attacker fine-tuning.
+
+The loop knows nothing about a particular generator: each model supplies its real objective
+through :meth:`DeepfakeModel.losses` (``part="d"`` or ``"g"``) and a fresh discriminator through
+:meth:`DeepfakeModel.make_discriminator`.  Optimisation follows the official StarGAN/AttGAN
+solvers: one *step* is one iteration; the discriminator is updated every step and the
+generator every ``n_critic``-th step (StarGAN, Choi et al., CVPR 2018; AttGAN, He et al.,
+TIP 2019), with Adam.
+
+Per-model defaults come from an optional ``train_defaults`` dict on the model
+(keys ``lr_g``, ``lr_d``, ``betas``, ``n_critic``); explicit arguments override them.  A model
+whose generator has parts that must not be trained may define ``generator_parameters()``
+(default: ``model.parameters()``).
+
+Attacker fine-tuning of an official G-only checkpoint: pass no ``discriminator`` and
+``warmup_d_steps > 0``; a fresh D is then trained alone (G frozen) before the joint steps,
+as TSDF does for HiSD.
+
+Resumable: with ``checkpoint_dir`` the full state (G, D, both optimisers, step, RNG states,
+history) is written atomically to ``checkpoint_dir/train_state.pt`` every ``checkpoint_every``
+steps, at the end and on Ctrl-C; a later call with ``resume=True`` continues from it and gives
+the same result as an uninterrupted run (CPU, same seed).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+
+STATE_FILE = "train_state.pt"
+DEFAULTS = {"lr_g": 1e-4, "lr_d": 1e-4, "betas": (0.5, 0.999), "n_critic": 5}
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained ``model`` (in eval mode), its ``discriminator``,
+    ``history`` (one dict per step: ``step``, ``part`` ("warmup"/"d"/"g") and each loss term as float)
+    and ``steps`` (joint steps done, warm-up excluded)."""
+
+    model: nn.Module
+    discriminator: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+
+
+def prepare_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Check ``images`` is ``[N, 3, H, W]`` float in [-1, 1] and resize it to ``size`` x ``size``."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ConfigError(f"training images must be a float tensor [N, 3, H, W], got {shape}; "
+                          "load images with tsdf_bench's image helpers or stack them into one tensor")
+    images = images.detach().float()
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1.001 or hi > 1.001:
+        raise ConfigError(f"training images must lie in [-1, 1], got [{lo:.3g}, {hi:.3g}]; "
+                          "map [0, 1] images with x * 2 - 1")
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        images = images.clamp(-1, 1)
+    return images
+
+
+def _check_attrs(attrs, n, model):
+    n_attr = len(getattr(model, "attributes", ()) or ())
+    if not isinstance(attrs, torch.Tensor) or attrs.dim() != 2 or attrs.shape[0] != n:
+        raise ConfigError(f"attrs must be a tensor [N={n}, A] of 0/1 labels, got "
+                          f"{tuple(attrs.shape) if isinstance(attrs, torch.Tensor) else type(attrs).__name__}")
+    if n_attr and attrs.shape[1] != n_attr:
+        raise ConfigError(f"attrs has {attrs.shape[1]} columns but {getattr(model, 'name', 'the model')} uses "
+                          f"{n_attr} attributes {list(model.attributes)}; select those columns by name")
+    return attrs.detach().float()
+
+
+def _adam(params, lr, betas):
+    params = [p for p in params if p.requires_grad]
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas))
+
+
+def _set_requires_grad(module, flag):
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def data_fingerprint(images: torch.Tensor, attrs: torch.Tensor) -> str:
+    """A short sha256 of the training tensors (recorded in checkpoints and manifests)."""
+    h = hashlib.sha256()
+    for t in (images, attrs):
+        t = t.detach().float().contiguous().cpu()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _atomic_save(obj, path: Path):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discriminator: nn.Module | None = None,
+          batch_size: int = 16, lr: float | None = None, lr_d: float | None = None, betas=None,
+          n_critic: int | None = None, seed: int = 0, warmup_d_steps: int = 0, progress: bool = True,
+          checkpoint_dir=None, checkpoint_every: int = 200, resume: bool = True, augment: bool = True) -> TrainResult:
+    """Train (or fine-tune) ``model`` with its own GAN objective on ``images`` / ``attrs``.
+
+    Args:
+        model: a :class:`~tsdf_bench.models.base.DeepfakeModel` (weights updated in place).
+        images: ``[N, 3, H, W]`` in [-1, 1]; resized to ``model.image_size`` if needed.
+        attrs: ``[N, len(model.attributes)]`` binary labels.
+        steps: iterations; D is updated every step, G every ``n_critic``-th step.
+        discriminator: an existing D to continue with; None builds ``model.make_discriminator()``.
+        batch_size: images per step (sampled with replacement-free shuffles per epoch).
+        lr, lr_d: Adam learning rates of G and D (default: ``model.train_defaults`` or 1e-4).
+        betas: Adam betas (default (0.5, 0.999)).  n_critic: D steps per G step (default 5).
+        seed: seeds batch order, augmentation and the losses' randomness (deterministic on CPU).
+        warmup_d_steps: with a freshly built D, train D alone for this many steps first (G frozen).
+        progress: show a tqdm bar.  augment: random horizontal flips (as the official solvers).
+        checkpoint_dir, checkpoint_every, resume: see the module docstring.
+    """
+    if not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"steps must be a non-negative int, got {steps!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    cfg = dict(DEFAULTS)
+    cfg.update(getattr(model, "train_defaults", {}) or {})
+    lr_g = cfg["lr_g"] if lr is None else lr
+    lr_d = cfg["lr_d"] if lr_d is None else lr_d
+    betas = tuple(cfg["betas"] if betas is None else betas)
+    n_critic = int(cfg["n_critic"] if n_critic is None else n_critic)
+    if n_critic < 1:
+        raise ConfigError(f"n_critic must be >= 1, got {n_critic}")
+
+    images = prepare_images(images, model.image_size)
+    attrs = _check_attrs(attrs, images.shape[0], model)
+    fresh_d = discriminator is None
+    if fresh_d:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 7919)
+            discriminator = model.make_discriminator()
+    warmup = int(warmup_d_steps) if fresh_d else 0
+
+    g_params = list(model.generator_parameters()) if hasattr(model, "generator_parameters") else list(model.parameters())
+    opt_g = _adam(g_params, lr_g, betas)
+    opt_d = _adam(discriminator.parameters(), lr_d, betas)
+
+    fingerprint = {"model": getattr(model, "name", type(model).__name__), "scale": getattr(model, "scale", ""),
+                   "data": data_fingerprint(images, attrs), "seed": seed, "batch_size": batch_size,
+                   "n_critic": n_critic, "warmup_d_steps": warmup}
+    state_path = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        state_path = checkpoint_dir / STATE_FILE
+
+    sampler = torch.Generator().manual_seed(seed)
+    history: list[dict[str, Any]] = []
+    done = 0  # iterations done, warm-up included
+    order = torch.empty(0, dtype=torch.long)
+    cursor = 0
+    total = warmup + steps
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if state_path is not None and resume and state_path.exists():
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            if state.get("fingerprint") != fingerprint:
+                raise CheckpointError(
+                    f"{state_path} belongs to a different training run ({state.get('fingerprint')} vs {fingerprint}); "
+                    "delete that folder, pass another checkpoint_dir, or resume=False to start afresh")
+            model.load_state_dict(state["G"])
+            discriminator.load_state_dict(state["D"])
+            opt_g.load_state_dict(state["opt_G"])
+            opt_d.load_state_dict(state["opt_D"])
+            torch.set_rng_state(state["rng"])
+            sampler.set_state(state["sampler"])
+            order, cursor = state["order"], int(state["cursor"])
+            done, history = int(state["done"]), list(state["history"])
+
+        def snapshot():
+            if state_path is None:
+                return
+            _atomic_save({"fingerprint": fingerprint, "G": model.state_dict(), "D": discriminator.state_dict(),
+                          "opt_G": opt_g.state_dict(), "opt_D": opt_d.state_dict(), "rng": torch.get_rng_state(),
+                          "sampler": sampler.get_state(), "order": order, "cursor": cursor, "done": done,
+                          "history": history}, state_path)
+
+        def next_batch():
+            nonlocal order, cursor
+            n = images.shape[0]
+            idx = []
+            while len(idx) < batch_size:
+                if cursor >= order.numel():
+                    order, cursor = torch.randperm(n, generator=sampler), 0
+                take = min(batch_size - len(idx), order.numel() - cursor)
+                idx.extend(order[cursor:cursor + take].tolist())
+                cursor += take
+            x, a = images[idx], attrs[idx]
+            if augment:
+                flip = torch.rand(len(idx), generator=sampler) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            return x, a
+
+        def d_step(x, a):
+            _set_requires_grad(discriminator, True)
+            opt_d.zero_grad(set_to_none=True)
+            terms = model.losses(discriminator, x, a, part="d")
+            sum(terms.values()).backward()
+            opt_d.step()
+            return terms
+
+        def g_step(x, a):
+            _set_requires_grad(discriminator, False)
+            opt_g.zero_grad(set_to_none=True)
+            terms = model.losses(discriminator, x, a, part="g")
+            sum(terms.values()).backward()
+            opt_g.step()
+            _set_requires_grad(discriminator, True)
+            return terms
+
+        model.train()
+        discriminator.train()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=done, disable=not progress, desc=f"train {fingerprint['model']}",
+                   dynamic_ncols=True, leave=False)
+        try:
+            while done < total:
+                x, a = next_batch()
+                if done < warmup:
+                    flags = [p.requires_grad for p in model.parameters()]
+                    _set_requires_grad(model, False)
+                    try:
+                        row = {"step": done - warmup, "part": "warmup", **_floats(d_step(x, a))}
+                    finally:
+                        for p, flag in zip(model.parameters(), flags):
+                            p.requires_grad_(flag)
+                else:
+                    it = done - warmup
+                    row = {"step": it, "part": "d", **_floats(d_step(x, a))}
+                    if (it + 1) % n_critic == 0:
+                        history.append(row)
+                        row = {"step": it, "part": "g", **_floats(g_step(x, a))}
+                history.append(row)
+                done += 1
+                bar.update(1)
+                if progress and done % 10 == 0:
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "part")}, refresh=False)
+                if state_path is not None and checkpoint_every and done % checkpoint_every == 0:
+                    snapshot()
+        except KeyboardInterrupt:
+            snapshot()
+            raise
+        finally:
+            bar.close()
+            _set_requires_grad(discriminator, True)
+        snapshot()
+    model.eval()
+    discriminator.eval()
+    return TrainResult(model, discriminator, history, steps=max(0, done - warmup))
+
+
+def _floats(terms: dict) -> dict:
+    return {k: float(v.detach()) for k, v in terms.items()}
