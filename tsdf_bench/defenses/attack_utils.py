@@ -48,6 +48,7 @@ def attrs_for(model, attrs, batch: int, device) -> torch.Tensor:
 def model_outputs(model, x: torch.Tensor, attrs, max_targets: int | None = None) -> torch.Tensor:
     """All (or the first ``max_targets``) protocol edits of ``x``: ``[B, T, 3, H, W]``."""
     a = attrs_for(model, attrs, x.shape[0], x.device)
+    x = model.to_input_size(x)
     if max_targets is None:
         return model.generate_all(x, a)
     conds = model.conditions(a)[:max_targets]
@@ -56,7 +57,7 @@ def model_outputs(model, x: torch.Tensor, attrs, max_targets: int | None = None)
 
 def resized_features(model, x: torch.Tensor, size: int) -> torch.Tensor:
     """``model.encode(x)`` resized bilinearly to ``size x size`` (all channels kept)."""
-    feat = model.encode(x)
+    feat = model.encode(model.to_input_size(x))
     if feat.dim() == 3:  # a code without a channel axis
         feat = feat.unsqueeze(1)
     return F.interpolate(feat, size=(size, size), mode="bilinear", align_corners=False)

@@ -47,6 +47,7 @@ def to_size(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize ``[N, 3, H, W]`` to ``size x size`` (bilinear, antialiased), clamped to [-1, 1]."""
     if tuple(images.shape[-2:]) == (size, size):
         return images
+    # the same resize as DeepfakeModel.to_input_size, which attacks differentiate through
     out = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return out.clamp(-1.0, 1.0)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # scale name -> (image size, base channel count); "paper" is the official configuration.
@@ -34,6 +35,17 @@ class DeepfakeModel(nn.Module):
         self.image_size = image_size
 
     # -- inference -----------------------------------------------------------------------
+    def to_input_size(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` resized (bilinear, antialiased, differentiable) to the model's input size.
+
+        Everything that feeds images of another size to the model (attacks, evaluation) goes
+        through this, so a perturbation is optimised through the same resize it is measured with.
+        """
+        if tuple(x.shape[-2:]) == (self.image_size, self.image_size):
+            return x
+        return F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                             align_corners=False, antialias=True).clamp(-1.0, 1.0)
+
     def conditions(self, attrs: torch.Tensor) -> list[Any]:
         """The protocol's targets for images with binary attributes ``attrs`` ``[B, len(attributes)]``.
 

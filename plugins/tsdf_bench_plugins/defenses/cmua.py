@@ -70,8 +70,8 @@ class CMUA(UniversalDefense):
                     conds = m.conditions(attrs_for(m, ab, xb.shape[0], xb.device))[: self.max_targets]
                     for c in conds:
                         with torch.no_grad():
-                            y = m.generate(xb, c)
-                        self._call(xb, lambda z: m.generate(z, c), y, factor, gen)
+                            y = m.generate(m.to_input_size(xb), c)
+                        self._call(xb, lambda z: m.generate(m.to_input_size(z), c), y, factor, gen)
         self.perturbation = self._w.detach()
         self.provenance = {"options": self.options, "images": int(x.shape[0]), "size": list(x.shape[-2:]),
                            "models": [m.name for m in self.models], "fit_seconds": round(time.perf_counter() - start, 3)}
