@@ -11,7 +11,9 @@ Layout (every table but ``[models]`` and ``[defenses]`` is optional)::
     [run]          name, scale ("paper"|"demo"|"smoke"), seeds, device ("auto"|"cpu"|"cuda"),
                    output (default "runs"), rounds (0 = inference only; 1 = round 0 + one
                    retraining round; ...), publish (a folder that also gets the leaderboard
-                   tables, e.g. "leaderboards/demo"; default none)
+                   tables, e.g. "leaderboards/demo"; default none), optimize (default true:
+                   shared clean outputs, batched targets, bf16/channels_last on CUDA; false:
+                   the papers' straightforward loops -- see tsdf_bench.speed)
     [data]         source ("embedded"|"celeba"|"folder"|"synthetic"), path, image_size,
                    n_train_defense (images the defense is fitted on), n_collect (protected
                    images the attacker collects to retrain), n_eval (held-out protected images
@@ -34,7 +36,10 @@ Layout (every table but ``[models]`` and ``[defenses]`` is optional)::
 tests of the harness only and says nothing about faces.
 
 The config hash is the sha256 of the canonical JSON of the resolved config *without*
-``run.output`` and ``run.publish`` (where results are written does not change them); ``--resume`` requires it to match.
+``run.output`` and ``run.publish`` (where results are written does not change them) and
+``run.optimize`` (the optimised and straightforward paths compute the same rows up to float
+rounding, so their rows are comparable; each row records the path in its ``optimize``
+provenance field); ``--resume`` requires it to match.
 """
 from __future__ import annotations
 
@@ -63,6 +68,7 @@ class RunSection:
     output: str = "runs"
     rounds: int = 1
     publish: str = ""  # a folder that also receives the leaderboard tables (demo: leaderboards/demo)
+    optimize: bool = True  # speed optimisations (tsdf_bench.speed); not hashed: rows agree either way
 
 
 @dataclass
@@ -148,10 +154,11 @@ class RunConfig:
 
     @property
     def hash(self) -> str:
-        """sha256 of the canonical resolved config (``run.output`` and ``run.publish`` excluded)."""
+        """sha256 of the canonical resolved config (``run.output``, ``run.publish`` and
+        ``run.optimize`` excluded: none of them changes what a row means)."""
         data = self.to_dict()
-        data["run"].pop("output", None)
-        data["run"].pop("publish", None)
+        for key in ("output", "publish", "optimize"):
+            data["run"].pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def white_box_detectors(self, differentiable: dict[str, bool]) -> list[str]:

@@ -14,6 +14,10 @@ def add_arguments(parser):
                         help="continue an interrupted run, skipping its finished cells (same config required)")
     parser.add_argument("--output", metavar="DIR", help="output folder (default: the config's [run] output, 'runs')")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override [run] device")
+    parser.add_argument("--no-optimize", action="store_true",
+                        help="turn the speed optimisations off (shared clean outputs, batched targets, bf16 and "
+                             "channels_last on CUDA): the papers' straightforward loops; rows agree either way "
+                             "(same as [run] optimize = false or TSDF_BENCH_OPTIMIZE=0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
 
@@ -27,12 +31,17 @@ def main(args, registry) -> int:
     if config_path is None and args.resume is None:
         config_path = DEFAULT_CONFIG
     cfg = load_config(config_path) if config_path is not None else None
-    if cfg is None and args.device:  # resuming from the stored config with a device override
+    overrides = {}
+    if args.device:
+        overrides["run__device"] = args.device
+    if getattr(args, "no_optimize", False):
+        overrides["run__optimize"] = False  # not hashed: a resume may switch it
+    if cfg is None and overrides:  # resuming from the stored config with an override
         output = Path(args.output or "runs")
         store = ResultsStore(output / DB_NAME)
         cfg = stored_config(store, store.resolve(args.resume))
-    if cfg is not None and args.device:
-        cfg = cfg.replace(run__device=args.device)
+    if cfg is not None and overrides:
+        cfg = cfg.replace(**overrides)
     outputs = run_config(cfg, registry, output=args.output, resume=args.resume, progress=not args.no_progress,
                          figures=not args.no_figures)
     s = outputs.summary

@@ -49,8 +49,9 @@ def model_outputs(model, x: torch.Tensor, attrs, max_targets: int | None = None)
     """All (or the first ``max_targets``) protocol edits of ``x``: ``[B, T, 3, H, W]``."""
     a = attrs_for(model, attrs, x.shape[0], x.device)
     x = model.to_input_size(x)
-    if max_targets is None:
-        return model.generate_all(x, a)
+    if max_targets is None:  # batched over targets, or the per-target loop (tsdf_bench.speed)
+        generate = getattr(model, "generate_targets", None) or model.generate_all
+        return generate(x, a)
     conds = model.conditions(a)[:max_targets]
     return torch.stack([model.generate(x, c) for c in conds], dim=1)
 

@@ -23,7 +23,9 @@ For each seed and defense:
    overlaps the clean image's crop at IoU >= 0.5) feeds the ``crop_yield`` metric.
 
 Clean forgeries and clean detections are computed once per model / detector and shared across
-defenses.  A failing cell (any exception in a plugin) is stored with status ``error``, the error
+defenses, and a defense's protected detections and attacker crops once per defense, when
+optimisations are on (``[run] optimize``, :mod:`tsdf_bench.speed`); with them off every cell
+recomputes them (the papers' straightforward way; same values, see tests/test_speed.py).  A failing cell (any exception in a plugin) is stored with status ``error``, the error
 text and the traceback; the other cells go on.  Ctrl-C stops cleanly: finished cells stay stored.
 Every random step reseeds torch from (seed, step names), so a resumed run gives the rows of an
 uninterrupted one.
@@ -42,6 +44,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .. import speed
 from ..config import RunConfig
 from ..errors import ConfigError, TsdfBenchError
 from .data import RunData, load_run_data, select_attrs, to_size
@@ -123,6 +126,7 @@ class Runner:
         self._data = data
         self._models: dict[str, object] = {}
         self._model_hash: dict[str, str] = {}
+        self._discriminators: dict[str, object] = {}  # model -> its trained D (None: G-only checkpoint)
         self._detectors: dict[str, object] = {}
         self._clean_fake: dict = {}
         self._clean_dets: dict = {}
@@ -151,7 +155,7 @@ class Runner:
             self._provenance_base = {
                 "config_hash": cfg.hash, "run_name": cfg.run.name, "scale": cfg.run.scale,
                 "versions": versions(self.registry, used), "device": device_description(self.device),
-                **git_state(), "data": self.data.description, "data_hash": self.data.data_hash,
+                **git_state(), "optimize": speed.optimizations_enabled(), "data": self.data.description, "data_hash": self.data.data_hash,
                 "data_notes": self.data.notes, "attacker_detector": cfg.detectors.attacker,
                 "crop": cfg.detectors.crop, "eps": cfg.defenses.eps,
                 "n_fit": int(self.data.fit.images.shape[0]), "n_collect": int(self.data.collect.images.shape[0]),
@@ -201,7 +205,13 @@ class Runner:
             self.log(f"loading model {name} ({cfg.run.scale} scale; trained on first use)")
             model = get_model(name, scale=cfg.run.scale, registry=self.registry, train_data=train_data,
                               progress=self.progress, **options)
-        return model.to(self.device).eval()
+            # the attacker trained this model, so it also has its discriminator for retraining
+            from ..models.checkpoints import load_discriminator
+            from ..models.zoo import model_path
+
+            self._discriminators[name] = load_discriminator(model, model_path(name, cfg.run.scale,
+                                                                             options.get("seed", 0)))
+        return speed.channels_last(model.to(self.device).eval())
 
     def detector(self, name: str):
         if name not in self._detectors:
@@ -224,12 +234,14 @@ class Runner:
 
     @torch.no_grad()
     def _generate(self, model, images: torch.Tensor, attrs: torch.Tensor, seed_keys) -> torch.Tensor:
-        """``model.generate_all`` in batches at the model's input size, on CPU: ``[N, T, 3, s, s]``."""
+        """``model.generate_targets`` in batches at the model's input size, on CPU: ``[N, T, 3, s, s]``."""
         x = to_size(images, model.image_size)
         a = select_attrs(attrs, self.data.attr_names, model.attributes, f"model {model.name!r}")
         _seed(*seed_keys)
-        outs = [model.generate_all(x[s].to(self.device), a[s].to(self.device)).float().cpu()
-                for s in self._batches(x.shape[0])]
+        generate = getattr(model, "generate_targets", None) or model.generate_all
+        with speed.autocast(self.device):
+            outs = [generate(x[s].to(self.device), a[s].to(self.device)).float().cpu()
+                    for s in self._batches(x.shape[0])]
         return torch.cat(outs)
 
     @torch.no_grad()
@@ -269,7 +281,8 @@ class Runner:
         self.log(f"fitting defense {name} (seed {seed}) on {data.fit.images.shape[0]} images")
         t0 = time.perf_counter()
         _seed(seed, "fit", name)
-        defense.fit(data.fit.images.to(self.device), self._attrs_map(data.fit.attrs, models), models, detectors)
+        with speed.autocast(self.device):
+            defense.fit(data.fit.images.to(self.device), self._attrs_map(data.fit.attrs, models), models, detectors)
         t1 = time.perf_counter()
         protected = {}
         for split_name in ("collect", "eval"):
@@ -278,7 +291,8 @@ class Runner:
             for s in self._batches(split.images.shape[0]):
                 _seed(seed, "protect", name, split_name, s.start)
                 attrs = {k: v[s] for k, v in self._attrs_map(split.attrs, models).items()}
-                parts.append(defense.protect(split.images[s].to(self.device), attrs).detach().float().cpu())
+                with speed.autocast(self.device):
+                    parts.append(defense.protect(split.images[s].to(self.device), attrs).detach().float().cpu())
             protected[split_name] = torch.cat(parts) if parts else split.images[:0].clone()
         t2 = time.perf_counter()
         if getattr(defense, "universal", False) and getattr(defense, "perturbation", None) is not None:
@@ -303,6 +317,8 @@ class Runner:
         return result
 
     def protected_detections(self, prot: Protected, name: str) -> list:
+        if not speed.optimizations_enabled():
+            prot.detections.pop(name, None)  # recomputed per call (the straightforward way)
         if name not in prot.detections:
             try:
                 prot.detections[name] = self._detect(name, prot.eval)
@@ -314,6 +330,8 @@ class Runner:
         return got
 
     def clean_detections(self, name: str) -> list:
+        if not speed.optimizations_enabled():
+            self._clean_dets.pop(name, None)
         if name not in self._clean_dets:
             try:
                 self._clean_dets[name] = self._detect(name, self.data.eval.images)
@@ -334,6 +352,9 @@ class Runner:
     def attacker_crops(self, prot: Protected, seed: int, size: int, adaptation) -> tuple:
         """``(crops, attrs of the kept images, crop_kept list, n_kept)`` of the protected collect split."""
         key = (size, _purify_key(adaptation))
+        if not speed.optimizations_enabled():
+            prot.preps.pop(key, None)
+            self._clean_prep.pop(key, None)
         if key not in prot.preps:
             try:
                 collected = adaptation.purify(prot.collect)
@@ -356,6 +377,8 @@ class Runner:
         """(model-size clean input, original model's forgery of it), after the adaptation's purify."""
         adaptation = self.adaptations[adaptation_name]
         key = (model_name, _purify_key(adaptation, adaptation_name))
+        if not speed.optimizations_enabled():
+            self._clean_fake.pop(key, None)
         if key not in self._clean_fake:
             model = self.model(model_name)
             clean = adaptation.purify(self.data.eval.images)
@@ -445,10 +468,14 @@ class Runner:
                         model_attrs = select_attrs(attrs, self.data.attr_names, current.attributes,
                                                    f"model {current.name!r}")
                         before = current_hash
+                        extra = {}
+                        d_net = self._discriminators.get(first.model) if k == 1 else None
+                        if d_net is not None and "discriminator" in inspect.signature(adaptation.adapt).parameters:
+                            extra["discriminator"] = d_net.to(self.device)
                         new = adaptation.adapt(current, crops.to(self.device), model_attrs.to(self.device),
                                                steps=self.cfg.adaptations.steps,
                                                seed=derived_seed(first.seed, "adapt", k) % (2 ** 31),
-                                               progress=self.progress)
+                                               progress=self.progress, **extra)
                         if state_dict_hash(current) != before:
                             self._models.pop(first.model, None)  # the cached model is spoilt: reload it
                             raise TsdfBenchError(
@@ -503,7 +530,14 @@ class Runner:
         return plan_cells(self.cfg, {n: bool(getattr(a, "retrains", False)) for n, a in self.adaptations.items()})
 
     def run(self) -> RunSummary:
-        """Run every unfinished cell; returns counts and the failures."""
+        """Run every unfinished cell; returns counts and the failures.
+
+        The speed switch (:mod:`tsdf_bench.speed`) is ``[run] optimize`` for the whole run
+        (``TSDF_BENCH_OPTIMIZE=0`` in the environment turns it off regardless)."""
+        with speed.optimizations(self.cfg.run.optimize):
+            return self._run()
+
+    def _run(self) -> RunSummary:
         cells = self.cells()
         done = self.store.done(self.run_id)
         todo = [c for c in cells if tuple(c) not in done]

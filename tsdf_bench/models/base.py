@@ -62,6 +62,20 @@ class DeepfakeModel(nn.Module):
         """Every protocol target: ``[B, T, 3, H, W]``.  Subclasses may batch the T targets."""
         return torch.stack([self.generate(x, c) for c in self.conditions(attrs)], dim=1)
 
+    def generate_targets(self, x: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
+        """Every protocol target, ``[B, T, 3, H, W]``: what callers (the runner, the attacks) use.
+
+        With optimisations on (:mod:`tsdf_bench.speed`) this is the subclass's ``generate_all``
+        (batched over targets where the plugin does so); with them off it is the papers'
+        per-target loop of :meth:`DeepfakeModel.generate_all`.  Both give the same images up to
+        float rounding.
+        """
+        from ..speed import optimizations_enabled
+
+        if optimizations_enabled():
+            return self.generate_all(x, attrs)
+        return DeepfakeModel.generate_all(self, x, attrs)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The features feature-level attacks use (see ../shared/docs/models-and-data.md)."""
         raise NotImplementedError

@@ -64,6 +64,7 @@ class FOUND(UniversalDefense):
         start = time.perf_counter()
         w = uniform_like((1, 3, *x.shape[-2:]), self.eps, gen, x.device)
         mom = torch.zeros_like(w)
+        history = []  # device tensors, moved to the host once at the end (no sync per step)
 
         def diverse(xb, w):
             return input_diversity((xb + w).clamp(-1, 1), gen, self.diversity_prob, self.diversity_ratio)
@@ -81,17 +82,19 @@ class FOUND(UniversalDefense):
                     loss = -F.mse_loss(ensemble_features(models, diverse(xb, w), fs), clean_sum)
                     (grad,) = torch.autograd.grad(loss, w)
                     w = (w.detach() - self.step * grad.sign()).clamp(-self.eps, self.eps)
-                grads, total = [], 0.0  # 2. gradient ensemble
+                grads, total = [], 0.0  # 2. gradient ensemble (total: a device tensor)
                 for m, c_out, c_feat in zip(models, clean_out, clean_feat):
                     w.requires_grad_(True)
                     adv_in = diverse(xb, w)
                     loss = (self.output_weight * -F.mse_loss(model_outputs(m, adv_in, ab, self.max_targets), c_out)
                             + (1 - self.output_weight) * -F.mse_loss(resized_features(m, adv_in, fs), c_feat))
                     grads.append(normalized(torch.autograd.grad(loss, w)[0]))
-                    total += float(loss.detach())
+                    total = total + loss.detach()
                 mom = torch.stack(grads).mean(0) + self.momentum * mom
                 w = (w.detach() - self.step * mom.sign()).clamp(-self.eps, self.eps)
-                self.history.append(total / len(models))
+                history.append(total / len(models))
+        if history:
+            self.history.extend(torch.stack(history).float().cpu().tolist())
         self.perturbation = w.detach()
         self.provenance = {"options": self.options, "images": int(x.shape[0]), "size": list(x.shape[-2:]),
                            "models": [m.name for m in models], "fit_seconds": round(time.perf_counter() - start, 3)}

@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tsdf_bench.defenses.attack_utils import check_images, model_outputs, options_of, require, uniform_like
+from tsdf_bench.defenses.attack_utils import (check_images, model_outputs, options_of, require, slice_attrs,
+                                              uniform_like)
 from tsdf_bench.defenses.base import Defense
+from tsdf_bench.speed import optimizations_enabled
 
 
 class PGD(Defense):
@@ -20,6 +22,9 @@ class PGD(Defense):
 
     Defaults (the paper's): eps 0.05, iterations 10, step 0.01, random_start True,
     max_targets None (all targets).
+
+    With optimisations on (:mod:`tsdf_bench.speed`) a batch is attacked at once; with them off,
+    image by image as in the paper's code.  Both give the same perturbations up to float rounding.
 
     Departures: when the models take a fixed input size (``model.image_size``) different from the
     image's, the attack runs on a bilinear resize of the image and the perturbation is resized
@@ -47,18 +52,33 @@ class PGD(Defense):
         x = images
         if size and tuple(images.shape[-2:]) != (size, size):
             x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        start = None
+        if self.random_start:
+            start = uniform_like(x.shape, self.eps, self.generator(), x.device)
+        if optimizations_enabled() or x.shape[0] == 1:
+            adv = self._attack(x, attrs, start)
+        else:  # the papers' one-image-at-a-time loop (same result: each image's loss is its own)
+            adv = torch.cat([self._attack(x[i:i + 1], slice_attrs(attrs, slice(i, i + 1)),
+                                          None if start is None else start[i:i + 1])
+                             for i in range(x.shape[0])])
+        delta = adv - x
+        if delta.shape[-2:] != images.shape[-2:]:
+            delta = F.interpolate(delta, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return delta.detach()
+
+    def _attack(self, x, attrs, start):
+        """PGD on the batch ``x`` (model input size) from ``x + start``; returns the adversarial batch.
+
+        The loss is a mean over the batch, but every image's gradient depends only on its own
+        image (models run in eval mode), and the sign step ignores the 1/B scale: a batch gives
+        the per-image results."""
         with torch.no_grad():
             clean = [model_outputs(m, x, attrs, self.max_targets) for m in self.models]
-        adv = x.clone()
-        if self.random_start:
-            adv = (x + uniform_like(x.shape, self.eps, self.generator(), x.device)).clamp(-1, 1)
+        adv = x.clone() if start is None else (x + start).clamp(-1, 1)
         for _ in range(self.iterations):
             adv.requires_grad_(True)
             loss = sum(F.mse_loss(model_outputs(m, adv, attrs, self.max_targets), y) for m, y in zip(self.models, clean))
             (grad,) = torch.autograd.grad(loss, adv)
             adv = adv.detach() + self.step * grad.sign()
             adv = (x + (adv - x).clamp(-self.eps, self.eps)).clamp(-1, 1)
-        delta = adv - x
-        if delta.shape[-2:] != images.shape[-2:]:
-            delta = F.interpolate(delta, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return delta.detach()
+        return adv

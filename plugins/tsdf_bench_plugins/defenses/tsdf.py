@@ -149,8 +149,10 @@ class TSDF(UniversalDefense):
         models, fs = self.models, self.feature_size
         w = uniform_like((1, 3, *x.shape[-2:]), self.eps, gen, x.device)
         mom = torch.zeros_like(w)
-        ema = [None] * len(models)
-        weights = torch.full((len(models),), 1.0 / len(models))
+        # the EMA of each model's loss and the softmax weights stay on the device: no host sync per step
+        ema = None
+        weights = torch.full((len(models),), 1.0 / len(models), device=x.device)
+        history = []
 
         def diverse(xb, w):
             return input_diversity((xb + w).clamp(-1, 1), gen, self.diversity_prob, self.diversity_ratio)
@@ -178,14 +180,17 @@ class TSDF(UniversalDefense):
                     out_loss = -F.mse_loss(model_outputs(m, adv_in, ab, self.max_targets), c_out)
                     feat_loss = -F.mse_loss(resized_features(m, adv_in, fs), c_feat)
                     losses.append(self.output_weight * out_loss + (1 - self.output_weight) * feat_loss)
-                total = sum(wt * l for wt, l in zip(weights.tolist(), losses))
+                stacked = torch.stack(losses)
+                total = (weights * stacked).sum()
                 (grad,) = torch.autograd.grad(total, w)
                 mom = normalized(grad) + self.momentum * mom
                 w = (w.detach() - self.step * mom.sign()).clamp(-self.eps, self.eps)
-                for i, l in enumerate(losses):
-                    ema[i] = l.item() if ema[i] is None else self.ema * ema[i] + (1 - self.ema) * l.item()
-                weights = torch.softmax(torch.tensor(ema) / self.weight_temperature, dim=0)
-                self.history["interruption"].append(float(total.detach()))
+                current = stacked.detach().float()
+                ema = current if ema is None else self.ema * ema + (1 - self.ema) * current
+                weights = torch.softmax(ema / self.weight_temperature, dim=0)
+                history.append(total.detach())
+        if history:  # one host transfer for the whole loss history
+            self.history["interruption"].extend(torch.stack(history).float().cpu().tolist())
         return w.detach()
 
     def _poison(self, x, w0) -> torch.Tensor:
@@ -203,6 +208,7 @@ class TSDF(UniversalDefense):
         size = min(self.poison_feature_size, max(1, max(x.shape[-2:]) // 2))
         mask_map = F.interpolate(mask.mean(1, keepdim=True), size=(size, size), mode="bilinear", align_corners=False)
         slices = list(batches(x.shape[0], self.batch_size))
+        history = []
         for step in range(self.poison_steps):
             xb = x[slices[step % len(slices)]]
             with torch.no_grad():
@@ -223,6 +229,8 @@ class TSDF(UniversalDefense):
             sched.step()
             with torch.no_grad():
                 delta.mul_(mask).clamp_(-self.poison_clip, self.poison_clip)
-            self.history["poisoning"].append(float(loss.detach()))
+            history.append(loss.detach())
+        if history:
+            self.history["poisoning"].extend(torch.stack(history).float().cpu().tolist())
         return delta.detach()
 

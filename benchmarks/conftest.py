@@ -1,0 +1,117 @@
+"""Shared fixtures and helpers of the pytest-benchmark suite (``tox -e benchmark``, or
+``.venv/bin/python -m pytest benchmarks --benchmark-only``; not collected by the normal test run).
+
+Sizes are small so that the whole folder runs in about 5 minutes on 2 CPU cores; paper-scale
+benchmarks carry the ``paper_scale`` marker (deselect with ``-m "not paper_scale"``).  Every
+benchmark with a straightforward counterpart (the papers' per-target / per-image loops,
+recomputed clean outputs) times both the same way in the same run and stores, in
+``benchmark.extra_info``: ``optimized_s``, ``straightforward_s`` and ``speedup`` (their ratio).
+Peak memory goes into ``extra_info`` too (:func:`peak_memory`).
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "paper_scale: a paper-scale (256 px, random weights) benchmark; slow on CPU")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_and_threads(tmp_path_factory):
+    """Caches in a temporary folder; one torch thread (the machine is shared, and timings of the
+    optimised and straightforward paths are compared at equal parallelism)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TSDF_BENCH_CACHE", str(tmp_path_factory.mktemp("tsdf-cache")))
+    mp.delenv("TSDF_BENCH_OPTIMIZE", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def registry():
+    from tsdf_bench.plugins import get_registry
+
+    return get_registry()
+
+
+@pytest.fixture(scope="session")
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def faces():
+    """Eight embedded face photos at 128 px (``[8, 3, 128, 128]`` in [-1, 1]) with 13 attributes."""
+    from tsdf_bench.data.embedded import load_embedded
+
+    return load_embedded(image_size=128, n_train=8, n_eval=0).train
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds(fn, device="cpu", repeat: int = 2, warmup: bool = True) -> float:
+    """Median wall time of ``fn()`` over ``repeat`` runs (after one warm-up run if ``warmup``)."""
+    if warmup:
+        fn()
+        sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def compare(benchmark, optimized, straightforward, device="cpu", repeat: int = 2, warmup: bool = True,
+            **info) -> None:
+    """Benchmark ``optimized`` with pytest-benchmark (``repeat`` rounds), then time
+    ``straightforward`` the same way (median wall time of as many rounds, after the same warm-up)
+    and record both and their ratio ``speedup`` = straightforward / optimized."""
+
+    def timed():
+        optimized()
+        sync(device)
+
+    benchmark.pedantic(timed, rounds=repeat, iterations=1, warmup_rounds=1 if warmup else 0)
+    fast = benchmark.stats.stats.median
+    slow = seconds(straightforward, device, repeat, warmup)
+    benchmark.extra_info.update(optimized_s=round(fast, 5), straightforward_s=round(slow, 5),
+                                speedup=round(slow / fast, 3), **info)
+
+
+def _maxrss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024) / 2 ** 20  # bytes on macOS, KiB on Linux
+
+
+def peak_memory(fn=None, device="cpu") -> dict:
+    """Peak memory of ``fn`` (run once here; ``None``: of what ran since the last CUDA reset).
+
+    On CUDA ``torch.cuda.max_memory_allocated`` (MiB; reset first when ``fn`` is given).  On CPU
+    the process's peak resident set (``getrusage`` maxrss, MiB) -- a high-water mark of the whole
+    process, so an upper bound -- and how much ``fn`` raised it."""
+    if torch.device(device).type == "cuda":
+        if fn is not None:
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+        torch.cuda.synchronize()
+        return {"peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)}
+    before = _maxrss_mib()
+    if fn is not None:
+        fn()
+    after = _maxrss_mib()
+    return {"peak_rss_mib": round(after, 1), "peak_rss_growth_mib": round(after - before, 1)}

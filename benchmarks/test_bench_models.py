@@ -1,0 +1,66 @@
+"""One attack step per model (forward + backward of the all-targets output loss w.r.t. the input),
+at demo scale (64 px, batch 4) and paper scale (256 px, batch 1, random weights; ``paper_scale``).
+
+The straightforward counterpart is the per-target loop (one generator call per target,
+``speed.optimizations(False)``); the optimised path is the plugin's batched ``generate_all``.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import compare, peak_memory
+from tsdf_bench import speed
+from tsdf_bench.defenses.attack_utils import model_outputs
+from tsdf_bench.harness.data import select_attrs
+
+MODELS = ["stargan", "attentiongan", "attgan", "hisd"]
+
+
+def attack_step_fn(model, x, attrs, device):
+    """One PGD-style step: d MSE(G(x+d), G(x)) / d(x+d) over every target."""
+    with torch.no_grad():
+        clean = model_outputs(model, x, attrs)
+    adv0 = (x + 0.01 * torch.sign(torch.randn_like(x))).clamp(-1, 1)
+
+    def step():
+        with speed.autocast(device):
+            adv = adv0.clone().requires_grad_(True)
+            loss = F.mse_loss(model_outputs(model, adv, attrs).float(), clean.float())
+            (grad,) = torch.autograd.grad(loss, adv)
+        return grad
+
+    return step
+
+
+def _bench(benchmark, registry, faces, device, name, scale, batch):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = peak_memory(None, device)
+    model = speed.channels_last(registry.create("model", name, scale=scale).to(device).eval())
+    x = model.to_input_size(faces.images[:batch]).to(device)
+    attrs = select_attrs(faces.attrs[:batch], faces.attr_names, model.attributes, name).to(device)
+    step = attack_step_fn(model, x, attrs, device)
+
+    def straightforward():
+        with speed.optimizations(False):
+            step()
+
+    paper = scale == "paper"  # ~15 s a step on one CPU thread: one round each, no warm-up
+    compare(benchmark, step, straightforward, device, repeat=1 if paper else 2, warmup=not paper,
+            scale=scale, batch=batch, image_size=model.image_size,
+            targets=len(model.conditions(attrs)), on=str(device))
+    memory = peak_memory(None, device)
+    if "peak_rss_mib" in memory:
+        memory["peak_rss_growth_mib"] = round(memory["peak_rss_mib"] - rss_before["peak_rss_mib"], 1)
+    benchmark.extra_info.update(memory)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_attack_step_demo(benchmark, registry, faces, device, name):
+    _bench(benchmark, registry, faces, device, name, "demo", 4)
+
+
+@pytest.mark.paper_scale
+@pytest.mark.parametrize("name", MODELS)
+def test_attack_step_paper(benchmark, registry, faces, device, name):
+    _bench(benchmark, registry, faces, device, name, "paper", 1)
