@@ -188,3 +188,19 @@ def test_command_reads_store_and_renders(tmp_path):
     assert len(json.loads(out.read_text())) == len(rows)
     assert main(["leaderboard", "--results", str(tmp_path / "nope.sqlite")]) == 2
     assert not (tmp_path / "nope.sqlite").exists()
+
+
+def test_detection_table_reports_recall_per_detector_and_crop_yield():
+    from tsdf_bench.leaderboard import detection_table
+
+    base = {"model": "m", "adaptation": "retrain", "seed": 0, "run_id": "r", "status": "ok", "error": None}
+    rows = [
+        dict(base, defense="tsdf", round=0, det_recall_mtcnn=0.25, det_f1_mtcnn=0.4),
+        dict(base, defense="tsdf", round=1, crop_yield=0.5),
+        dict(base, defense="none", round=0, det_recall_mtcnn=1.0, det_f1_mtcnn=1.0),
+        dict(base, defense="none", round=1, crop_yield=1.0),
+    ]
+    headers, body = detection_table(rows)
+    assert headers == ["Defense", "Recall mtcnn", "F1 mtcnn", "Crop yield@k"]
+    assert body == [["none", "1.000", "1.000", "1.000"], ["tsdf", "0.250", "0.400", "0.500"]]
+    assert "## Poisoning" in render(rows, "markdown")

@@ -316,13 +316,39 @@ def _models(summary) -> list[str]:
     return sorted({r["model"] for r in summary["per_model"]})
 
 
-def _render_markdown(summary, header) -> str:
+def detection_table(rows: Iterable[dict]) -> tuple[list[str], list[list[str]]]:
+    """Poisoning at a glance: per defense, each detector's recall and F1 on the protected eval
+    images (round-0 rows; detection does not depend on the model, so rows are averaged), and the
+    attacker's crop yield after retraining (mean over models)."""
+    rows = [r for r in _dedupe(_check_rows(rows))[0] if _ok(r)]
+    detectors = sorted({k[len("det_recall_"):] for r in rows for k in r if k.startswith("det_recall_")})
+    headers = ["Defense"] + [f"{kind} {d}" for d in detectors for kind in ("Recall", "F1")] + ["Crop yield@k"]
+    body = []
+    for defense in sorted({str(r["defense"]) for r in rows}):
+        mine = [r for r in rows if str(r["defense"]) == defense]
+        r0 = [r for r in mine if int(r["round"]) == 0]
+        line = [defense]
+        for d in detectors:
+            for key in (f"det_recall_{d}", f"det_f1_{d}"):
+                line.append(_fmt(_stats([_num(r.get(key)) for r in r0]), 3, "", "—"))
+        kmax = max((int(r["round"]) for r in mine), default=0)
+        line.append(_fmt(_stats([_num(r.get("crop_yield")) for r in mine if int(r["round"]) == kmax and kmax > 0]),
+                         3, "", "—"))
+        body.append(line)
+    return headers, body
+
+
+def _render_markdown(summary, header, rows=()) -> str:
     out = [f"# {header['title']}", ""]
     for key, value in _header_lines(header, summary["superseded"]):
         out.append(f"- **{key}**: {value}" if key != "note" else f"- **{value}**")
     out += [f"- {RULES}", "", "## Overall (mean over models)", ""]
     h, b = _table(summary["overall"], True, " ± ", "—")
     out += [tabulate(b, headers=h, tablefmt="github", disable_numparse=True), ""]
+    h, b = detection_table(rows)
+    if b and len(h) > 2:
+        out += ["## Poisoning: face detection on protected images (round 0) and the attacker's crop yield", "",
+                tabulate(b, headers=h, tablefmt="github", disable_numparse=True), ""]
     for model in _models(summary):
         h, b = _table([r for r in summary["per_model"] if r["model"] == model], False, " ± ", "—")
         out += [f"## Model: {model}", "", tabulate(b, headers=h, tablefmt="github", disable_numparse=True), ""]
@@ -417,7 +443,9 @@ def render(rows: Iterable[dict], fmt: str = "markdown", header: dict | None = No
     if fmt == "json":
         return _render_json(rows, header)
     summary = summarize(rows)
-    return {"markdown": _render_markdown, "csv": _render_csv, "latex": _render_latex}[fmt](summary, header)
+    if fmt == "markdown":
+        return _render_markdown(summary, header, rows)
+    return {"csv": _render_csv, "latex": _render_latex}[fmt](summary, header)
 
 
 EXTENSIONS = {"markdown": "md", "csv": "csv", "latex": "tex", "json": "json"}
