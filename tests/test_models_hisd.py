@@ -258,15 +258,40 @@ def test_hair_colour_tag_uses_only_labelled_samples():
         model.losses(model.make_discriminator(), torch.zeros(4, 3, 32, 32), attrs, "x")
 
 
-def test_demo_trains_the_protocol_tag_only():
+def test_demo_trains_and_edits_hair_colour():
+    """Demo data has one identity with glasses, so the demo edit is HairColor -> blond (module doc)."""
     model = HiSD("demo")
     assert model.image_size == 64 and model.style_dim == 64 and model.noise_dim == 16
+    assert model.edit_tag == 2 and HiSD("smoke").edit_tag == 1 and HiSD("paper").edit_tag == 1
     attrs = _labels(4)
     x = torch.zeros(4, 3, 64, 64)
-    assert {model._sample_task(x, attrs)[0] for _ in range(10)} == {1}
+    assert {model._sample_task(x, attrs)[0] for _ in range(10)} == {2}
+    (k, i, wanted), = model.edit_targets(attrs)
+    assert k == 0 and model.attributes[i] == "Blond_Hair" and wanted.tolist() == [1.0] * 4
+    with torch.no_grad():
+        z = torch.randn(1, model.noise_dim, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(model.conditions(attrs)[0][:1], model.map(z, 2, 1))
+        x = torch.rand(2, 3, 64, 64) * 2 - 1
+        s = model.conditions(attrs[:2])[0]
+        torch.testing.assert_close(model.generate(x, s), model.decode(model.translate(model.encode(x), s, 2)))
     attrs[:, 2:5] = 0
     with pytest.raises(ValueError, match="HairColor"):
-        model.losses(model.make_discriminator(), x, attrs, "d", tag=2)
+        model.losses(model.make_discriminator(), torch.zeros(4, 3, 64, 64), attrs, "d", tag=2)
+
+
+def test_reconstruction_warmup_term_and_lazy_r1():
+    torch.manual_seed(0)
+    model = HiSD("smoke")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    terms = model.reconstruction_loss(x, _labels(2))
+    assert set(terms) == {"g_rec_id"} and terms["g_rec_id"] > 0
+    disc = model.make_discriminator()
+    assert float(model.losses(disc, x, _labels(2), "d", tag=1, reg_scale=0.0)["d_r1"]) == 0.0
+    torch.manual_seed(1)
+    once = model.losses(disc, x, _labels(2), "d", tag=1)["d_r1"]
+    torch.manual_seed(1)
+    twice = model.losses(disc, x, _labels(2), "d", tag=1, reg_scale=2.0)["d_r1"]
+    torch.testing.assert_close(twice, 2 * once)
 
 
 def test_optimizer_settings_follow_the_official_config():

@@ -83,3 +83,35 @@ def test_unknown_scale_and_option_are_named():
         StarGAN(scale="huge")
     with pytest.raises(ConfigError, match="conv_dims"):
         StarGAN(scale="smoke", conv_dims=3)
+
+
+def test_demo_upsamples_with_nearest_and_conv_paper_keeps_transposed_convs():
+    from torch import nn
+
+    def kinds(model):
+        return [type(m).__name__ for m in model.G.main]
+
+    demo, paper = StarGAN(scale="demo"), StarGAN(scale="paper")
+    assert kinds(paper).count("ConvTranspose2d") == 2 and not any(isinstance(m, nn.Upsample) for m in paper.modules())
+    ups = [m for m in demo.G.main if isinstance(m, nn.Sequential)]
+    assert len(ups) == 2 and all(isinstance(u[0], nn.Upsample) and isinstance(u[1], nn.Conv2d) for u in ups)
+    assert "ConvTranspose2d" not in kinds(demo)
+    with torch.no_grad():
+        assert demo.generate(torch.zeros(1, 3, 64, 64), torch.zeros(1, 5)).shape == (1, 3, 64, 64)
+
+
+def test_reconstruction_term_and_lazy_gradient_penalty():
+    torch.manual_seed(0)
+    model = StarGAN(scale="smoke")
+    d = model.make_discriminator()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    attrs = (torch.rand(4, 5) > 0.5).float()
+    rec = model.reconstruction_loss(x, attrs)
+    expected = model.lambda_rec * (model.generate(x, attrs) - x).abs().mean()
+    assert set(rec) == {"g_rec_id"} and torch.allclose(rec["g_rec_id"], expected)
+    assert float(model.losses(d, x, attrs, part="d", reg_scale=0.0)["d_gp"]) == 0.0
+    torch.manual_seed(3)
+    one = model.losses(d, x, attrs, part="d")["d_gp"]
+    torch.manual_seed(3)
+    four = model.losses(d, x, attrs, part="d", reg_scale=4.0)["d_gp"]
+    assert float(one.detach()) > 0 and torch.allclose(four, 4 * one)

@@ -16,6 +16,22 @@ Attacker fine-tuning of an official G-only checkpoint: pass no ``discriminator``
 ``warmup_d_steps > 0``; a fresh D is then trained alone (G frozen) before the joint steps,
 as TSDF does for HiSD.
 
+Demo-scale recipes may add two cheap conveniences (departures from the official solvers,
+used to make CPU demo training converge in about a minute):
+
+* ``recon_warmup_steps``: before anything else, G alone is trained as a conditional auto-encoder
+  with the model's own reconstruction term (``model.reconstruction_loss(x, attrs)``, e.g.
+  ``|G(x, c_org) - x|_1``), without D or gradient penalty, so the joint phase starts from a
+  generator that already reproduces faces instead of from noise.
+* ``reg_every``: "lazy regularisation" (Karras et al., StyleGAN2, CVPR 2020): the model's
+  gradient penalty (the expensive double backward) is computed only every ``reg_every``-th D
+  step, multiplied by ``reg_every`` to keep its average weight; models opt in by accepting a
+  ``reg_scale`` keyword in ``losses`` (0 = skip the penalty this step).
+
+A model may provide ``optimizer_param_groups(lr)`` (Adam parameter groups, e.g. HiSD's mappers at
+lr/100; used instead of ``generator_parameters()``) and ``grad_clip_norm`` (G's and D's gradient
+norms are clipped to it, as HiSD's official trainer does).
+
 Resumable: with ``checkpoint_dir`` the full state (G, D, both optimisers, step, RNG states,
 history) is written atomically to ``checkpoint_dir/train_state.pt`` every ``checkpoint_every``
 steps, at the end and on Ctrl-C; a later call with ``resume=True`` continues from it and gives
@@ -42,7 +58,7 @@ DEFAULTS = {"lr_g": 1e-4, "lr_d": 1e-4, "betas": (0.5, 0.999), "n_critic": 5}
 @dataclass
 class TrainResult:
     """What :func:`train` returns: the trained ``model`` (in eval mode), its ``discriminator``,
-    ``history`` (one dict per step: ``step``, ``part`` ("warmup"/"d"/"g") and each loss term as float)
+    ``history`` (one dict per step: ``step``, ``part`` ("recon"/"warmup"/"d"/"g") and each loss term as float)
     and ``steps`` (joint steps done, warm-up excluded)."""
 
     model: nn.Module
@@ -80,8 +96,30 @@ def _check_attrs(attrs, n, model):
 
 
 def _adam(params, lr, betas):
+    params = list(params)
+    if params and isinstance(params[0], dict):  # parameter groups
+        groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in params]
+        return torch.optim.Adam([g for g in groups if g["params"]], lr=lr, betas=tuple(betas))
     params = [p for p in params if p.requires_grad]
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas))
+
+
+def _generator_params(model, lr):
+    """Adam parameter groups of G: ``model.optimizer_param_groups(lr)`` when the model has it."""
+    if hasattr(model, "optimizer_param_groups"):
+        return model.optimizer_param_groups(lr)
+    if hasattr(model, "generator_parameters"):
+        return list(model.generator_parameters())
+    return list(model.parameters())
+
+
+def _accepts(fn, name):
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _set_requires_grad(module, flag):
@@ -108,7 +146,9 @@ def _atomic_save(obj, path: Path):
 def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discriminator: nn.Module | None = None,
           batch_size: int = 16, lr: float | None = None, lr_d: float | None = None, betas=None,
           n_critic: int | None = None, seed: int = 0, warmup_d_steps: int = 0, progress: bool = True,
-          checkpoint_dir=None, checkpoint_every: int = 200, resume: bool = True, augment: bool = True) -> TrainResult:
+          checkpoint_dir=None, checkpoint_every: int = 200, resume: bool = True, augment: bool = True,
+          recon_warmup_steps: int = 0, recon_lr: float | None = None, reg_every: int = 1,
+          grad_clip_norm: float | None = None) -> TrainResult:
     """Train (or fine-tune) ``model`` with its own GAN objective on ``images`` / ``attrs``.
 
     Args:
@@ -124,6 +164,13 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
         warmup_d_steps: with a freshly built D, train D alone for this many steps first (G frozen).
         progress: show a tqdm bar.  augment: random horizontal flips (as the official solvers).
         checkpoint_dir, checkpoint_every, resume: see the module docstring.
+        recon_warmup_steps: first train G alone on ``model.reconstruction_loss`` for this many
+            steps (demo recipes; see the module docstring).
+        recon_lr: G's learning rate during that warm-up (default: ``lr``; parameter groups keep
+            their ratios).
+        reg_every: compute the gradient penalty every this many D steps (lazy regularisation;
+            only for models whose ``losses`` take ``reg_scale``).
+        grad_clip_norm: clip G's and D's gradient norms (default: ``model.grad_clip_norm`` if set).
     """
     if not isinstance(steps, int) or steps < 0:
         raise ConfigError(f"steps must be a non-negative int, got {steps!r}")
@@ -137,6 +184,18 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
     n_critic = int(cfg["n_critic"] if n_critic is None else n_critic)
     if n_critic < 1:
         raise ConfigError(f"n_critic must be >= 1, got {n_critic}")
+    recon_warmup = int(recon_warmup_steps)
+    if recon_warmup < 0:
+        raise ConfigError(f"recon_warmup_steps must be >= 0, got {recon_warmup_steps!r}")
+    if recon_warmup and not hasattr(model, "reconstruction_loss"):
+        raise ConfigError(f"recon_warmup_steps needs a model with reconstruction_loss(x, attrs); "
+                          f"{getattr(model, 'name', type(model).__name__)} has none: pass recon_warmup_steps=0")
+    reg_every = int(reg_every)
+    if reg_every < 1:
+        raise ConfigError(f"reg_every must be >= 1, got {reg_every}")
+    lazy_reg = reg_every > 1 and _accepts(model.losses, "reg_scale")
+    if grad_clip_norm is None:
+        grad_clip_norm = getattr(model, "grad_clip_norm", None)
 
     images = prepare_images(images, model.image_size)
     attrs = _check_attrs(attrs, images.shape[0], model)
@@ -147,13 +206,17 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
             discriminator = model.make_discriminator()
     warmup = int(warmup_d_steps) if fresh_d else 0
 
-    g_params = list(model.generator_parameters()) if hasattr(model, "generator_parameters") else list(model.parameters())
+    g_params = _generator_params(model, lr_g)
     opt_g = _adam(g_params, lr_g, betas)
     opt_d = _adam(discriminator.parameters(), lr_d, betas)
+    base_lrs = [g["lr"] for g in opt_g.param_groups]
+    recon_mult = 1.0 if recon_lr is None else float(recon_lr) / lr_g
 
     fingerprint = {"model": getattr(model, "name", type(model).__name__), "scale": getattr(model, "scale", ""),
                    "data": data_fingerprint(images, attrs), "seed": seed, "batch_size": batch_size,
                    "n_critic": n_critic, "warmup_d_steps": warmup}
+    if recon_warmup or lazy_reg:  # keys only when used, so older train states stay resumable
+        fingerprint.update(recon_warmup_steps=recon_warmup, recon_lr=recon_lr, reg_every=reg_every if lazy_reg else 1)
     state_path = None
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
@@ -165,7 +228,8 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
     done = 0  # iterations done, warm-up included
     order = torch.empty(0, dtype=torch.long)
     cursor = 0
-    total = warmup + steps
+    pre = recon_warmup + warmup  # iterations before the joint phase
+    total = pre + steps
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -208,11 +272,20 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             return x, a
 
-        def d_step(x, a):
+        def clip(params):
+            if grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip_norm)
+
+        def d_step(x, a, it=0):
             _set_requires_grad(discriminator, True)
             opt_d.zero_grad(set_to_none=True)
-            terms = model.losses(discriminator, x, a, part="d")
+            if lazy_reg:
+                terms = model.losses(discriminator, x, a, part="d",
+                                     reg_scale=float(reg_every) if it % reg_every == 0 else 0.0)
+            else:
+                terms = model.losses(discriminator, x, a, part="d")
             sum(terms.values()).backward()
+            clip(discriminator.parameters())
             opt_d.step()
             return terms
 
@@ -221,8 +294,23 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
             opt_g.zero_grad(set_to_none=True)
             terms = model.losses(discriminator, x, a, part="g")
             sum(terms.values()).backward()
+            clip(model.parameters())
             opt_g.step()
             _set_requires_grad(discriminator, True)
+            return terms
+
+        def set_g_lr(mult):
+            for group, base in zip(opt_g.param_groups, base_lrs):
+                group["lr"] = base * mult
+
+        def recon_step(x, a):
+            set_g_lr(recon_mult)
+            opt_g.zero_grad(set_to_none=True)
+            terms = model.reconstruction_loss(x, a)
+            sum(terms.values()).backward()
+            clip(model.parameters())
+            opt_g.step()
+            set_g_lr(1.0)
             return terms
 
         model.train()
@@ -234,17 +322,19 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
         try:
             while done < total:
                 x, a = next_batch()
-                if done < warmup:
+                if done < recon_warmup:
+                    row = {"step": done - pre, "part": "recon", **_floats(recon_step(x, a))}
+                elif done < pre:
                     flags = [p.requires_grad for p in model.parameters()]
                     _set_requires_grad(model, False)
                     try:
-                        row = {"step": done - warmup, "part": "warmup", **_floats(d_step(x, a))}
+                        row = {"step": done - pre, "part": "warmup", **_floats(d_step(x, a))}
                     finally:
                         for p, flag in zip(model.parameters(), flags):
                             p.requires_grad_(flag)
                 else:
-                    it = done - warmup
-                    row = {"step": it, "part": "d", **_floats(d_step(x, a))}
+                    it = done - pre
+                    row = {"step": it, "part": "d", **_floats(d_step(x, a, it))}
                     if (it + 1) % n_critic == 0:
                         history.append(row)
                         row = {"step": it, "part": "g", **_floats(g_step(x, a))}
@@ -264,7 +354,7 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
         snapshot()
     model.eval()
     discriminator.eval()
-    return TrainResult(model, discriminator, history, steps=max(0, done - warmup))
+    return TrainResult(model, discriminator, history, steps=max(0, done - pre))
 
 
 def _floats(terms: dict) -> dict:

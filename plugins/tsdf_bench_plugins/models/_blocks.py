@@ -48,9 +48,13 @@ class StarGANGenerator(nn.Module):
 
     ``out_channels=4, tanh=False`` gives AttentionGAN-v1-multi's raw output.  ``bottleneck_index``
     is the index in ``main`` of the last residual block (its output is the feature attacks use).
+    ``upsample="nearest"`` (demo scale only; the official layout is ``"transpose"``) replaces each
+    4x4 stride-2 transposed conv by nearest-neighbour upsampling + 3x3 conv (one ``nn.Sequential``
+    at the same index of ``main``), which avoids the checkerboard artefacts of transposed convs
+    early in training (Odena et al., "Deconvolution and Checkerboard Artifacts", Distill 2016).
     """
 
-    def __init__(self, conv_dim=64, c_dim=5, repeat_num=6, out_channels=3, tanh=True):
+    def __init__(self, conv_dim=64, c_dim=5, repeat_num=6, out_channels=3, tanh=True, upsample="transpose"):
         super().__init__()
         layers = [nn.Conv2d(3 + c_dim, conv_dim, 7, 1, 3, bias=False), InstanceNorm2d(conv_dim), nn.ReLU(inplace=True)]
         dim = conv_dim
@@ -59,9 +63,12 @@ class StarGANGenerator(nn.Module):
             dim *= 2
         layers += [ResidualBlock(dim) for _ in range(repeat_num)]
         self.bottleneck_index = len(layers) - 1
+        if upsample not in ("transpose", "nearest"):
+            raise ValueError(f"upsample must be 'transpose' (official) or 'nearest', got {upsample!r}")
         for _ in range(2):
-            layers += [nn.ConvTranspose2d(dim, dim // 2, 4, 2, 1, bias=False), InstanceNorm2d(dim // 2),
-                       nn.ReLU(inplace=True)]
+            up = (nn.ConvTranspose2d(dim, dim // 2, 4, 2, 1, bias=False) if upsample == "transpose" else
+                  nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim // 2, 3, 1, 1, bias=False)))
+            layers += [up, InstanceNorm2d(dim // 2), nn.ReLU(inplace=True)]
             dim //= 2
         layers.append(nn.Conv2d(dim, out_channels, 7, 1, 3, bias=False))
         if tanh:

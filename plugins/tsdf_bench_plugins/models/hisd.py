@@ -22,9 +22,19 @@ Scales:
     ``paper``  the official celeba-hq_256 configuration (256 px, 19.04M parameters);
                ``checkpoint`` takes the official ``gen_00600000.pt`` (key ``gen_test``).
     ``demo``   the same architecture at 64 px: encoder 16/32/64, 3 translator blocks of 32,
-               style_dim 64, noise_dim 16 (0.95M parameters; CPU training in minutes).  It
-               trains the Eyeglasses tag only (``train_tags``), the one edit the protocol
-               uses, so a short CPU run spends every step on it; paper and smoke train all.
+               style_dim 64, noise_dim 16 (0.95M parameters; CPU training in minutes).
+               **The demo edit is HairColor -> blond, not Eyeglasses**: in the embedded demo
+               data only one identity (Grace Hopper) wears glasses, so "add glasses" cannot be
+               learned from it (an earlier Eyeglasses demo run diverged); three hair colours
+               over seven identities are the best-supported tag.  (Measured: the demo recipe
+               does not yet give usable HiSD edits, see :mod:`tsdf_bench.models.zoo`.)  ``conditions()`` still
+               returns one edit, the latent-guided style ``M_2(z, 'blond')`` (or a reference's
+               HairColor style), and the demo trains that tag only (``train_tags``).  Also demo
+               only: the generator's adversarial loss omits the ALI real term
+               ``D(x, F(x))`` (``ali_real_term``): its gradient to the extractor made style
+               magnitudes explode in short CPU runs; the fake-image terms are kept; and the
+               mappers train at the full lr (``mapper_lr_ratio`` 1, official 0.01), else the
+               latent-guided blond style stays at its random initialisation in a short run.
     ``smoke``  tiny, 32 px, for tests.
 
 Reference: ``reference=`` (or :meth:`HiSD.set_reference`) takes one face with glasses,
@@ -62,6 +72,7 @@ TAGS = (
 )
 TAG_IRRELEVANT_DIM = 2  # (Male, Young), as the official preprocessor writes them
 EYEGLASSES = 1  # the protocol's tag
+HAIRCOLOR = 2
 DEFAULT_STYLE_SEED = 0
 
 _PAPER = dict(
@@ -69,6 +80,7 @@ _PAPER = dict(
     encoder=[64, 128, 256], decoder=[256, 128, 64], translators=[64] * 8,
     extractors=[32, 64, 128, 256, 512, 512, 512], discriminators=[32, 64, 128, 256, 512, 512, 512],
     mappers_pre=[256, 256, 256], mappers_post=[256, 256, 256], train_tags=(0, 1, 2),
+    edit=(EYEGLASSES, 0), ali_real_term=True,
 )
 CONFIGS = {
     "paper": _PAPER,
@@ -76,13 +88,15 @@ CONFIGS = {
         image_size=64, style_dim=64, noise_dim=16,
         encoder=[16, 32, 64], decoder=[64, 32, 16], translators=[32] * 4,
         extractors=[16, 32, 64, 128, 128], discriminators=[16, 32, 64, 128, 128],
-        mappers_pre=[64, 64, 64], mappers_post=[64, 64, 64], train_tags=(EYEGLASSES,),
+        mappers_pre=[64, 64, 64], mappers_post=[64, 64, 64], train_tags=(HAIRCOLOR,),
+        edit=(HAIRCOLOR, 1), ali_real_term=False, mapper_lr_ratio=1.0,
     ),
     "smoke": dict(
         image_size=32, style_dim=16, noise_dim=8,
         encoder=[8, 16, 32], decoder=[32, 16, 8], translators=[16] * 3,
         extractors=[8, 16, 32, 32], discriminators=[8, 16, 32, 32],
         mappers_pre=[16, 16], mappers_post=[16, 16], train_tags=(0, 1, 2),
+        edit=(EYEGLASSES, 0), ali_real_term=True,
     ),
 }
 
@@ -350,6 +364,7 @@ class HiSD(DeepfakeModel):
         super().__init__(scale, cfg["image_size"])
         self.config = copy.deepcopy(cfg)
         self.style_dim, self.noise_dim = cfg["style_dim"], cfg["noise_dim"]
+        self.mapper_lr_ratio = cfg.get("mapper_lr_ratio", type(self).mapper_lr_ratio)
         enc, dec = cfg["encoder"], cfg["decoder"]
         if enc[-1] != dec[0]:
             raise ConfigError("HiSD: encoder's last channel count must equal decoder's first")
@@ -420,13 +435,19 @@ class HiSD(DeepfakeModel):
         device = next(self.parameters()).device
         self.reference = image.to(device)
 
+    @property
+    def edit_tag(self) -> int:
+        """The tag of the protocol edit: Eyeglasses (paper, smoke) or HairColor (demo, see module doc)."""
+        return self.config["edit"][0]
+
     def reference_style(self) -> torch.Tensor:
-        """The protocol's style code ``[1, style_dim]`` for "Eyeglasses: with"."""
+        """The protocol's style code ``[1, style_dim]`` ("Eyeglasses: with"; demo: "HairColor: blond")."""
+        tag, attribute = self.config["edit"]
         if self.reference is not None:
-            return self.extract(self.reference, EYEGLASSES)
+            return self.extract(self.reference, tag)
         gen = torch.Generator().manual_seed(DEFAULT_STYLE_SEED)
         z = torch.randn(1, self.noise_dim, generator=gen).to(next(self.parameters()).device)
-        return self.map(z, EYEGLASSES, 0)
+        return self.map(z, tag, attribute)
 
     # -- DeepfakeModel -------------------------------------------------------------------------
     def conditions(self, attrs: torch.Tensor) -> list[Any]:
@@ -435,12 +456,19 @@ class HiSD(DeepfakeModel):
             s = self.reference_style()
         return [s.detach().expand(attrs.shape[0], -1)]
 
+    def edit_targets(self, attrs: torch.Tensor) -> list:
+        """What the protocol edit should produce, for :func:`tsdf_bench.models.zoo.edit_report`:
+        ``[(0, attribute index, wanted [B])]`` (Eyeglasses on; demo: Blond_Hair on)."""
+        tag, attribute = self.config["edit"]
+        name = {EYEGLASSES: "Eyeglasses", HAIRCOLOR: ("Black_Hair", "Blond_Hair", "Brown_Hair")[attribute]}[tag]
+        return [(0, self.attributes.index(name), torch.ones(attrs.shape[0]))]
+
     def generate(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """``G(T_1(E(x), s))``: add glasses with style ``condition`` ``[B or 1, style_dim]``."""
         if not torch.is_tensor(condition) or condition.dim() != 2 or condition.shape[1] != self.style_dim:
             shape = tuple(condition.shape) if torch.is_tensor(condition) else type(condition).__name__
             raise ValueError(f"HiSD condition must be a style code [B, {self.style_dim}] (from conditions()); got {shape}")
-        return self.decode(self.translate(self.encode(x), condition, EYEGLASSES))
+        return self.decode(self.translate(self.encode(x), condition, self.edit_tag))
 
     def _check_images(self, x: torch.Tensor, what: str) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
@@ -553,12 +581,21 @@ class HiSD(DeepfakeModel):
         x_cyc = self.decode(self.translate(self.encode(x_trg), s, tag))
         return e, s, s_trg, x_trg, x_cyc
 
+    def reconstruction_loss(self, x: torch.Tensor, attrs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Demo warm-up term (see :func:`tsdf_bench.models.training.train`): HiSD's plain and
+        self-translation reconstructions ``|G(E(x)) - x| + |G(T(E(x), F(x))) - x|`` for the edit tag."""
+        e = self.encode(x)
+        tag = self.edit_tag
+        x_slf = self.decode(self.translate(e, self.extract(x, tag), tag))
+        return {"g_rec_id": self.loss_weights["rec"] * (F.l1_loss(self.decode(e), x) + F.l1_loss(x_slf, x))}
+
     def losses(self, discriminator: nn.Module, x: torch.Tensor, attrs: torch.Tensor, part: str,
-               *, tag: int | None = None) -> dict[str, torch.Tensor]:
+               *, tag: int | None = None, reg_scale: float = 1.0) -> dict[str, torch.Tensor]:
         """HiSD's objective for one batch (see module doc); ``part`` ``"d"`` or ``"g"``.
 
         ``tag`` (0 Bangs, 1 Eyeglasses, 2 HairColor) fixes the step's tag; by default it is
         drawn uniformly, as the official trainer does, from the tags the batch has labels for.
+        ``reg_scale`` multiplies the R1 penalty (lazy regularisation; 0 skips it).
         """
         if part not in ("d", "g"):
             raise ValueError(f"HiSD.losses: part must be 'd' or 'g', got {part!r}")
@@ -567,9 +604,9 @@ class HiSD(DeepfakeModel):
         if part == "d":
             with torch.no_grad():
                 _, s, s_trg, x_trg, x_cyc = self._translations(x, tag, j_trg)
-            x_real = x.detach().requires_grad_(True)
+            x_real = x.detach().requires_grad_(bool(reg_scale))
             real = discriminator.pick(x_real, s, y, tag, j)
-            r1 = sum(_r1(real[:, k], x_real) for k in range(2))
+            r1 = reg_scale * sum(_r1(real[:, k], x_real) for k in range(2)) if reg_scale else x.new_zeros(())
             return {
                 "d_adv_real": w["adv"] * (F.relu(1 - real[:, 0]).mean() + F.relu(1 - real[:, 1]).mean()),
                 "d_r1": w["adv"] * r1,
@@ -581,8 +618,12 @@ class HiSD(DeepfakeModel):
             x_rec = self.decode(e)
             x_slf = self.decode(self.translate(e, s, tag))
             s_trg_rec = self.extract(x_trg, tag)
-            real = discriminator.pick(x, s, y, tag, j)
-            adv = (real[:, 0].mean() + real[:, 1].mean()
+            if self.config["ali_real_term"]:
+                real = discriminator.pick(x, s, y, tag, j)
+                adv = real[:, 0].mean() + real[:, 1].mean()
+            else:  # demo: no ALI real term (its style gradient made s explode in short runs)
+                adv = x.new_zeros(())
+            adv = (adv
                    - discriminator.pick(x_trg, s_trg.detach(), y, tag, j_trg)[:, 0].mean()
                    - discriminator.pick(x_cyc, s.detach(), y, tag, j)[:, 1].mean())
         return {
