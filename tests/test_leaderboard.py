@@ -200,6 +200,7 @@ def test_detection_table_reports_recall_per_detector_and_crop_yield():
         dict(base, defense="none", round=0, det_recall_mtcnn=1.0, det_f1_mtcnn=1.0),
         dict(base, defense="none", round=1, crop_yield=1.0),
     ]
+    rows += [dict(r, model="m2") for r in rows]  # detection is per defense: other models repeat it
     headers, body = detection_table(rows)
     assert headers == ["Defense", "Recall mtcnn", "F1 mtcnn", "Crop yield@k"]
     assert body == [["none", "1.000", "1.000", "1.000"], ["tsdf", "0.250", "0.400", "0.500"]]

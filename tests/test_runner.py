@@ -189,5 +189,10 @@ def test_smoke_config_runs_end_to_end_with_the_real_plugins(tmp_path):
     for r in out.rows:
         assert r["sr_mask"] is not None and r["det_f1_mtcnn"] is not None and len(r["checkpoint_sha256"]) == 64
         assert (r["crop_yield"] is None) == (r["round"] == 0)
+    # every round is judged against the current model's own clean forgery: no defense, no disruption
+    # (even though retraining moved the model: its drift is reported separately)
+    for r in (r for r in out.rows if r["defense"] == "none"):
+        assert r["l2_mask"] == 0 and r["sr_mask"] == 0 and r["l2"] == 0
+    assert [r["retrained_clean_mse"] > 0 for r in out.rows if r["round"] == 1] == [True, True]
     assert sorted(out.files) == ["figures", "leaderboard", "results"]
     assert (out.summary.run_dir / "leaderboard" / "leaderboard.md").is_file()

@@ -330,9 +330,9 @@ def detection_table(rows: Iterable[dict]) -> tuple[list[str], list[list[str]]]:
         line = [defense]
         for d in detectors:
             for key in (f"det_recall_{d}", f"det_f1_{d}"):
-                line.append(_fmt(_stats([_num(r.get(key)) for r in r0]), 3, "", "—"))
+                line.append(_fmt(_mean(_stats([_num(r.get(key)) for r in r0])), 3, "", "—"))
         kmax = max((int(r["round"]) for r in mine), default=0)
-        line.append(_fmt(_stats([_num(r.get("crop_yield")) for r in mine if int(r["round"]) == kmax and kmax > 0]),
+        line.append(_fmt(_mean(_stats([_num(r.get("crop_yield")) for r in mine if int(r["round"]) == kmax and kmax > 0])),
                          3, "", "—"))
         body.append(line)
     return headers, body

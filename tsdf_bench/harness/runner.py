@@ -16,10 +16,11 @@ For each seed and defense:
    the round-(k-1) model on the crops it got, with the attributes of the kept images, for
    ``[adaptations] steps``; with no crop at all the model stays unchanged (the row says so:
    ``retrain_images = 0``, ``model_unchanged = true``).  It is then measured again on the
-   held-out eval images.  ``fake_clean`` stays the **original** model's clean forgery: the owner
-   asks "does the attacker now get the forgery it wanted?", not "is the new model self-consistent";
-   the retrained model's own clean forgery is compared with the original one in the column
-   ``retrained_clean_mse``.  ``crop_kept`` (per collected image: the attacker's crop exists and
+   held-out eval images, against the **retrained** model's own clean forgery (``G'(x + W)`` vs
+   ``G'(x)``): the question is whether the protection still breaks the attacker's current
+   model; comparing with the original ``G(x)`` would count the model's drift as disruption (even
+   the ``none`` defense would score).  The drift itself is the column ``retrained_clean_mse``
+   (mean squared difference between ``G'(x)`` and ``G(x)``).  ``crop_kept`` (per collected image: the attacker's crop exists and
    overlaps the clean image's crop at IoU >= 0.5) feeds the ``crop_yield`` metric.
 
 Clean forgeries and clean detections are computed once per model / detector and shared across
@@ -402,16 +403,21 @@ class Runner:
         dets_clean = {d: self.clean_detections(d) for d in names}
         dets_prot = {d: self.protected_detections(prot, d) for d in names}
         t2 = time.perf_counter()
-        batch = EvalBatch(clean=x_clean, protected=x_prot, fake_clean=fake_clean, fake_protected=fake_prot,
+        reference = fake_clean
+        if cell.round > 0:
+            # The defense is judged against the attacker's *current* model: G'(x + W) vs G'(x).
+            # Comparing with the original G(x) would count the model's own drift as disruption
+            # (the "none" defense would then score); the drift is reported on its own instead.
+            reference = self._generate(model, adaptation.purify(self.data.eval.images), self.data.eval.attrs,
+                                       (cell.seed, "own-clean", *cell))
+        batch = EvalBatch(clean=x_clean, protected=x_prot, fake_clean=reference, fake_protected=fake_prot,
                           detections_clean=dets_clean, detections_protected=dets_prot,
                           crop_kept=crop_kept if cell.round > 0 else None)
         metrics: dict = {}
         for metric in self.metrics:
             metrics.update(metric.compute(batch))
         if cell.round > 0:
-            own = self._generate(model, adaptation.purify(self.data.eval.images), self.data.eval.attrs,
-                                 (cell.seed, "own-clean", *cell))
-            metrics["retrained_clean_mse"] = float(((own - fake_clean) ** 2).mean())
+            metrics["retrained_clean_mse"] = float(((reference - fake_clean) ** 2).mean())
         timings.update(generate_s=t1 - t0, detect_s=t2 - t1, metrics_s=time.perf_counter() - t2)
         if cell.seed == self.cfg.run.seeds[0]:
             self._save_sample(cell, prot, fake_clean, fake_prot)
