@@ -100,6 +100,20 @@ class _Failed(Exception):
     """A cached failure re-raised for every cell that depends on it."""
 
 
+def _cached(cache: dict, key, compute: Callable[[], object], what: str):
+    """``cache[key]``, computed once by ``compute()``.  A failure is cached as well and re-raised as
+    :class:`_Failed` ("``what``: error") for every cell that depends on it."""
+    if key not in cache:
+        try:
+            cache[key] = compute()
+        except Exception as exc:  # noqa: BLE001 - recorded in every dependent cell
+            cache[key] = exc
+    got = cache[key]
+    if isinstance(got, Exception):
+        raise _Failed(f"{what}: {type(got).__name__}: {got}") from got
+    return got
+
+
 @dataclass
 class RunSummary:
     run_id: str
@@ -176,16 +190,12 @@ class Runner:
     # -- models and detectors ------------------------------------------------------------
     def model(self, name: str):
         """The round-0 model ``name`` (loaded once; a load failure is cached and re-raised)."""
-        if name not in self._models:
-            try:
-                self._models[name] = self._load_model(name)
-                self._model_hash[name] = state_dict_hash(self._models[name])
-            except Exception as exc:  # noqa: BLE001 - recorded in every cell of the model
-                self._models[name] = exc
-        got = self._models[name]
-        if isinstance(got, Exception):
-            raise _Failed(f"model {name!r} failed to load: {type(got).__name__}: {got}") from got
-        return got
+        def load():
+            model = self._load_model(name)
+            self._model_hash[name] = state_dict_hash(model)
+            return model
+
+        return _cached(self._models, name, load, f"model {name!r} failed to load")
 
     def _load_model(self, name: str):
         """A model with a checkpoint, or at paper scale, comes from its plugin; a demo/smoke model
@@ -215,18 +225,11 @@ class Runner:
         return speed.channels_last(model.to(self.device).eval())
 
     def detector(self, name: str):
-        if name not in self._detectors:
-            try:
-                det = self.registry.create("detector", name, **self.cfg.detectors.options_for(name))
-                if isinstance(det, torch.nn.Module):
-                    det = det.to(self.device).eval()
-                self._detectors[name] = det
-            except Exception as exc:  # noqa: BLE001
-                self._detectors[name] = exc
-        got = self._detectors[name]
-        if isinstance(got, Exception):
-            raise _Failed(f"detector {name!r} failed to load: {type(got).__name__}: {got}") from got
-        return got
+        def load():
+            det = self.registry.create("detector", name, **self.cfg.detectors.options_for(name))
+            return det.to(self.device).eval() if isinstance(det, torch.nn.Module) else det
+
+        return _cached(self._detectors, name, load, f"detector {name!r} failed to load")
 
     def _attrs_map(self, attrs: torch.Tensor, models: list) -> dict:
         """``{model.name: its attribute columns}`` (the form defenses accept for several models)."""
@@ -320,28 +323,14 @@ class Runner:
     def protected_detections(self, prot: Protected, name: str) -> list:
         if not speed.optimizations_enabled():
             prot.detections.pop(name, None)  # recomputed per call (the straightforward way)
-        if name not in prot.detections:
-            try:
-                prot.detections[name] = self._detect(name, prot.eval)
-            except Exception as exc:  # noqa: BLE001
-                prot.detections[name] = exc
-        got = prot.detections[name]
-        if isinstance(got, Exception):
-            raise _Failed(f"detector {name!r} failed on protected images: {type(got).__name__}: {got}") from got
-        return got
+        return _cached(prot.detections, name, lambda: self._detect(name, prot.eval),
+                       f"detector {name!r} failed on protected images")
 
     def clean_detections(self, name: str) -> list:
         if not speed.optimizations_enabled():
             self._clean_dets.pop(name, None)
-        if name not in self._clean_dets:
-            try:
-                self._clean_dets[name] = self._detect(name, self.data.eval.images)
-            except Exception as exc:  # noqa: BLE001
-                self._clean_dets[name] = exc
-        got = self._clean_dets[name]
-        if isinstance(got, Exception):
-            raise _Failed(f"detector {name!r} failed on clean images: {type(got).__name__}: {got}") from got
-        return got
+        return _cached(self._clean_dets, name, lambda: self._detect(name, self.data.eval.images),
+                       f"detector {name!r} failed on clean images")
 
     # -- the attacker's data preparation -------------------------------------------------
     def _prepare(self, images: torch.Tensor, size: int):
@@ -356,22 +345,17 @@ class Runner:
         if not speed.optimizations_enabled():
             prot.preps.pop(key, None)
             self._clean_prep.pop(key, None)
-        if key not in prot.preps:
-            try:
-                collected = adaptation.purify(prot.collect)
-                res = self._prepare(collected, size)
-                if key not in self._clean_prep:
-                    self._clean_prep[key] = self._prepare(adaptation.purify(self.data.collect.images), size)
-                crop_kept = usable_crops(self._clean_prep[key], res, collected.shape[0])
-                crops = res.crops.detach().float().cpu()
-                attrs = self.data.collect.attrs[res.kept.cpu().long()]
-                prot.preps[key] = (crops, attrs, crop_kept, int(res.kept.numel()))
-            except Exception as exc:  # noqa: BLE001
-                prot.preps[key] = exc
-        got = prot.preps[key]
-        if isinstance(got, Exception):
-            raise _Failed(f"the attacker's data preparation failed: {type(got).__name__}: {got}") from got
-        return got
+
+        def prepare():
+            collected = adaptation.purify(prot.collect)
+            res = self._prepare(collected, size)
+            if key not in self._clean_prep:
+                self._clean_prep[key] = self._prepare(adaptation.purify(self.data.collect.images), size)
+            crop_kept = usable_crops(self._clean_prep[key], res, collected.shape[0])
+            attrs = self.data.collect.attrs[res.kept.cpu().long()]
+            return res.crops.detach().float().cpu(), attrs, crop_kept, int(res.kept.numel())
+
+        return _cached(prot.preps, key, prepare, "the attacker's data preparation failed")
 
     # -- cells ---------------------------------------------------------------------------
     def clean_reference(self, model_name: str, adaptation_name: str) -> tuple[torch.Tensor, torch.Tensor]:
