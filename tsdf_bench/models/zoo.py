@@ -133,7 +133,9 @@ def get_model(name: str, scale: str = "demo", registry=None, train_data=None, st
         from ..plugins import get_registry
 
         registry = get_registry()
-    model = registry.create("model", name, scale=scale)
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
+        torch.manual_seed(seed)
+        model = registry.create("model", name, scale=scale)
     recipe = recipe_for(name, scale, None)
     if scale == "demo" and getattr(model, "demo_recipe", None):
         recipe.update(model.demo_recipe)  # a plugin may ship its own demo schedule
