@@ -8,7 +8,6 @@ loop (``speed.optimizations(False)``) and records the ratio.
 import time
 
 import pytest
-import torch
 
 from conftest import compare, peak_memory, sync
 from tsdf_bench import speed

@@ -1,7 +1,6 @@
 """Shared clean outputs vs recomputing them: the clean forgeries (demo StarGAN, 8 eval photos) and
 clean detections (MTCNN) that a grid of cells needs, computed once and shared (optimised) or
 once per cell (straightforward, ``speed.optimizations(False)``)."""
-import torch
 
 from conftest import compare
 from tsdf_bench import speed

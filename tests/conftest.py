@@ -8,7 +8,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread for the whole suite: the test models are tiny, and on a 2-core machine
+# two threads thrash (measured 20-40x slower for small convolutions under load).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

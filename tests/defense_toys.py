@@ -1,7 +1,6 @@
 """Tiny models and detectors implementing the real interfaces, for fast defense tests."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -94,14 +93,3 @@ def toy_images(n=4, size=16, seed=0):
 def toy_attrs(n=4, seed=0):
     g = torch.Generator().manual_seed(seed + 1)
     return (torch.rand(n, 3, generator=g) > 0.5).float()
-
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on the shared 2-core box two threads thrash (40x slower measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -76,7 +76,6 @@ def test_our_checkpoint_roundtrip_and_manifest(tmp_path):
 
 
 def test_zoo_trains_once_then_loads_the_cache(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
     monkeypatch.setenv("TSDF_BENCH_CACHE", str(tmp_path))
     g = torch.Generator().manual_seed(0)
     names = ["Young", "Male", "Blond_Hair", "Extra", "Brown_Hair", "Black_Hair"]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from defense_toys import ToyDetector, ToyGAN, single_thread  # noqa: F401
+from defense_toys import ToyDetector, ToyGAN  # noqa: F401
 from tsdf_bench.defenses import attack_utils as au
 from tsdf_bench.defenses.detector_losses import FixedProjections, output_loss, tiny_boxes
 from tsdf_bench.errors import ConfigError

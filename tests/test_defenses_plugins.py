@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from defense_toys import BlackBoxDetector, ToyDetector, ToyGAN, single_thread, toy_attrs, toy_images  # noqa: F401
+from defense_toys import BlackBoxDetector, ToyDetector, ToyGAN, toy_attrs, toy_images  # noqa: F401
 from tsdf_bench.defenses.base import Defense, UniversalDefense, load_perturbation
 from tsdf_bench.plugins import get_registry
 

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from defense_toys import single_thread  # noqa: F401
 from tsdf_bench.plugins import get_registry
 
 

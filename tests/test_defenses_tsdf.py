@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from defense_toys import BlackBoxDetector, ToyDetector, ToyGAN, single_thread, toy_attrs, toy_images  # noqa: F401
+from defense_toys import BlackBoxDetector, ToyDetector, ToyGAN, toy_attrs, toy_images  # noqa: F401
 from tsdf_bench.errors import ConfigError
 from tsdf_bench_plugins.defenses.tsdf import TSDF, enhanced_copy, intensity_mask
 

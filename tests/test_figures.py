@@ -3,7 +3,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from tsdf_bench.harness.figures import make_figures, persistence_values
@@ -12,14 +11,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_runner import CONFIG, run  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def valid_png(path: Path):

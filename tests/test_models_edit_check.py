@@ -16,7 +16,6 @@ def _bright_dark(n=32, seed=0):
 
 
 def test_classifier_learns_a_visible_attribute():
-    torch.set_num_threads(1)
     x, a = _bright_dark()
     clf = train_attribute_classifier(x, a, steps=40)
     xt, at = _bright_dark(seed=1)
@@ -28,7 +27,6 @@ def test_classifier_learns_a_visible_attribute():
 
 
 def test_edit_report_scores_hisd_with_a_classifier():
-    torch.set_num_threads(1)
     model = HiSD("smoke")
     model.config["edit"] = (2, 1)  # score a hair-colour edit on a smoke model
     x = torch.rand(4, 3, 32, 32) * 2 - 1

@@ -13,15 +13,6 @@ from tsdf_bench_plugins.models.hisd import HiSD, HiSDDiscriminator
 LAYOUTS = Path(__file__).resolve().parents[1].parent / "shared" / "official-layouts"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions gain nothing from 2 threads, and lose a lot on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _make_weights():
     path = LAYOUTS / "make_weights.py"
     if not path.is_file() or not (LAYOUTS / "hisd_layout.json").is_file():

@@ -10,7 +10,6 @@ from tsdf_bench_plugins.models.stargan import StarGAN
 
 
 def test_paper_scale_matches_official_reference_outputs():
-    torch.set_num_threads(1)
     model = get_registry().create("model", "stargan", scale="paper")
     model.load_official_state_dict(official_state_dict("stargan"), strict=True)
     assert sum(p.numel() for p in model.G.parameters()) == 8430528

@@ -8,8 +8,7 @@ import textwrap
 
 import pytest
 
-from tsdf_bench import DefenseEntry, PluginError, Registry, UnknownNameError
-from tsdf_bench.hookspecs import register_defenses  # noqa: F401 - the spec module imports
+from tsdf_bench import PluginError, Registry, UnknownNameError
 from tsdf_bench.plugins import PluginWarning
 from tsdf_bench.records import KINDS
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from defense_toys import ToyDetector, ToyGAN, single_thread, toy_images  # noqa: F401
+from defense_toys import ToyDetector, ToyGAN, toy_images  # noqa: F401
 from tsdf_bench import imageio
 from tsdf_bench.cli import main as cli_main
 from tsdf_bench.commands import protect

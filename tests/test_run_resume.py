@@ -35,16 +35,6 @@ def cli_here(capsys, *args):
     return code, captured.out, captured.err
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_rows(tmp_path, capsys):
     config = tmp_path / "fake.toml"

@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from tsdf_bench.config import load_config
 from tsdf_bench.harness import ResultsStore, run_config
@@ -48,15 +47,6 @@ steps = 3
 [metrics]
 names = ["fake-metric"]
 """
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The fakes are tiny: extra threads only fight over the shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fake_registry():

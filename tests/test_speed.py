@@ -58,12 +58,8 @@ names = ["fake-metric"]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
+def _no_switch_from_environment(monkeypatch):
     monkeypatch.delenv(speed.ENV, raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def registry():

@@ -19,7 +19,6 @@ def _flat(module):
 
 
 def test_same_seed_same_weights_and_history():
-    torch.set_num_threads(1)
     runs = []
     for _ in range(2):
         torch.manual_seed(123)  # global state must not matter
@@ -35,7 +34,6 @@ def test_same_seed_same_weights_and_history():
 
 
 def test_resume_gives_the_uninterrupted_result(tmp_path):
-    torch.set_num_threads(1)
     reg = get_registry()
     torch.manual_seed(0)
     straight = reg.create("model", "attgan", scale="smoke")
@@ -55,7 +53,6 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
 
 
 def test_warmup_trains_a_fresh_discriminator_with_g_frozen():
-    torch.set_num_threads(1)
     model = get_registry().create("model", "attentiongan", scale="smoke")
     before = _flat(model).clone()
     x, a = _data(model)
@@ -85,7 +82,6 @@ def test_finetune_on_an_image_folder_from_a_g_only_checkpoint(tmp_path, name):
 
     from tsdf_bench.data.folder import ImageFolderDataset
 
-    torch.set_num_threads(1)
     reg = get_registry()
     model = reg.create("model", name, scale="smoke")
     folder = tmp_path / "faces"
@@ -119,7 +115,6 @@ def test_reconstruction_warmup_really_learns_faces():
     outputs must follow the input (not a constant image), or demo training is broken."""
     from tsdf_bench.models.zoo import default_data
 
-    torch.set_num_threads(1)
     faces = default_data("train", image_size=32)
     model = get_registry().create("model", "stargan", scale="smoke")
     attrs = faces.attrs[:, [faces.attr_names.index(n) for n in model.attributes]]
@@ -137,7 +132,6 @@ def test_reconstruction_warmup_really_learns_faces():
 
 
 def test_recon_warmup_then_lazy_penalty_and_resume(tmp_path):
-    torch.set_num_threads(1)
     model = get_registry().create("model", "attgan", scale="smoke")
     x, a = _data(model)
     result = train(model, x, a, 4, recon_warmup_steps=2, reg_every=2, n_critic=1, batch_size=3, progress=False)
@@ -163,7 +157,6 @@ def test_recon_warmup_then_lazy_penalty_and_resume(tmp_path):
 
 
 def test_param_groups_and_gradient_clipping_are_used():
-    torch.set_num_threads(1)
     from tsdf_bench_plugins.models.hisd import HiSD
 
     torch.manual_seed(0)

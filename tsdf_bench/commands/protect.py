@@ -14,7 +14,6 @@ the fitted perturbation is saved in the output folder for reuse.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ImageError, TsdfBenchError
+from ..models.checkpoints import sha256_file
 
 HELP = "protect a folder of your own photos with a defense (lossless PNGs + a JSON record)"
 RECORD_NAME = "protect-record.json"
@@ -78,14 +78,6 @@ def load_models(names, scale, device):
 
 def load_detectors(names, registry, device):
     return [registry.create("detector", name).to(device).eval() for name in names]
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def quantize_within_budget(original: torch.Tensor, protected: torch.Tensor, eps: float) -> np.ndarray:

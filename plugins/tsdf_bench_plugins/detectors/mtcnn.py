@@ -20,7 +20,6 @@ Small inputs: faces below ``min_face_size`` pixels are not searched for; ``upsca
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 
 import torch
