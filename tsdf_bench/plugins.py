@@ -6,6 +6,7 @@ where they raise :class:`PluginError`.  Duplicate names are refused naming both 
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -38,6 +39,9 @@ class Registry:
 
     def __init__(self, plugins_dirs=(), strict: bool | None = None, entry_points: bool = True):
         self.strict = strict_from_env() if strict is None else strict
+        # how to build the same registry in another process (the Ray executor's workers)
+        self.spec = {"plugins_dirs": [str(Path(d).resolve()) for d in plugins_dirs or ()], "strict": self.strict,
+                     "entry_points": entry_points}
         self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
         self.pm.add_hookspecs(hookspecs)
         self.problems: list[str] = []
@@ -76,7 +80,9 @@ class Registry:
         for path in sorted(directory.glob("*.py")):
             if path.name.startswith("_"):
                 continue
-            mod_name = f"tsdf_bench_dir_plugin_{abs(hash(str(path.resolve())))}_{path.stem}"
+            # a stable name (not hash(), which differs per process) so pickled plugin objects load elsewhere
+            digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+            mod_name = f"tsdf_bench_dir_plugin_{digest}_{path.stem}"
             try:
                 spec = importlib.util.spec_from_file_location(mod_name, path)
                 module = importlib.util.module_from_spec(spec)

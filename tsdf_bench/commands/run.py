@@ -18,6 +18,15 @@ def add_arguments(parser):
                         help="turn the speed optimisations off (shared clean outputs, batched targets, bf16 and "
                              "channels_last on CUDA): the papers' straightforward loops; rows agree either way "
                              "(same as [run] optimize = false or TSDF_BENCH_OPTIMIZE=0)")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="where cells run: this process (default) or Ray, one task per cell")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="with --executor ray: connect to this cluster (default: $RAY_ADDRESS, else start a "
+                             "local Ray instance for the run)")
+    parser.add_argument("--ray-cpus-per-task", type=float, default=1, metavar="N", help="CPUs per Ray task (default 1)")
+    parser.add_argument("--ray-gpus-per-task", type=float, metavar="N",
+                        help="GPUs per Ray task (default: 1 when the config's device is cuda, or auto on a cluster "
+                             "with GPUs; else 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
 
@@ -42,8 +51,10 @@ def main(args, registry) -> int:
         cfg = stored_config(store, store.resolve(args.resume))
     if cfg is not None and overrides:
         cfg = cfg.replace(**overrides)
+    ray_options = {"address": args.ray_address, "cpus_per_task": args.ray_cpus_per_task,
+                   "gpus_per_task": args.ray_gpus_per_task}
     outputs = run_config(cfg, registry, output=args.output, resume=args.resume, progress=not args.no_progress,
-                         figures=not args.no_figures)
+                         figures=not args.no_figures, executor=args.executor, ray_options=ray_options)
     s = outputs.summary
     print(f"\nrun {s.run_id}: {s.ok}/{s.total} cells ok"
           + (f", {s.skipped} finished earlier (resumed)" if s.skipped else "")

@@ -39,7 +39,7 @@ import inspect
 import re
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -96,8 +96,40 @@ class Protected:
     preps: dict = field(default_factory=dict)  # (size, purify key) -> prep tuple | Exception
 
 
+@dataclass
+class ChainState:
+    """Where a chain of rounds stands: the attacker's current model and what the last retraining did."""
+
+    model: object
+    hash: str
+    base_hash: str  # the round-0 model's
+    crop_kept: list | None = None
+    retrain_info: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)  # timings of the last retraining
+    failure: tuple | None = None  # (exception, stage): every later round fails with it
+
+
 class _Failed(Exception):
     """A cached failure re-raised for every cell that depends on it."""
+
+
+class CellFailure(Exception):
+    """A failure as text and traceback, so it can travel between processes (the Ray executor)."""
+
+    def __init__(self, text: str, traceback_text: str = "", stage: str = ""):
+        super().__init__(text)
+        self.text, self.traceback_text, self.stage = text, traceback_text, stage
+
+    def __reduce__(self):
+        return CellFailure, (self.text, self.traceback_text, self.stage)
+
+    @classmethod
+    def of(cls, exc: BaseException, stage: str = "") -> "CellFailure":
+        if isinstance(exc, CellFailure):
+            return exc
+        cause = exc.__cause__ if isinstance(exc, _Failed) and exc.__cause__ is not None else exc
+        text = str(exc) if isinstance(exc, _Failed) else f"{type(exc).__name__}: {exc}"
+        return cls(text, "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)), stage)
 
 
 def _cached(cache: dict, key, compute: Callable[[], object], what: str):
@@ -430,82 +462,92 @@ class Runner:
 
     def run_chain(self, cells: list[Cell], prot: Protected, bar=None) -> None:
         """Rounds 0..k of one (seed, defense, model, adaptation); writes every cell in ``cells``."""
-        cells = sorted(cells, key=lambda c: c.round)
-        first = cells[0]
         wanted = {c.round: c for c in cells}
-        adaptation = self.adaptations[first.adaptation]
-        shared = dict(prot.timings)
-        try:
-            model0 = self.model(first.model)
-        except _Failed as exc:
-            for c in cells:
-                self._write_error(c, exc, prot, bar)
-            return
-        current, current_hash = model0, self._model_hash[first.model]
-        retrain_info: dict = {}
-        crop_kept = None
+        state = self.start_chain(min(cells, key=lambda c: c.round))
         for k in range(0, max(wanted) + 1):
-            if k > 0:
-                t0 = time.perf_counter()
-                try:
-                    crops, attrs, crop_kept, n_kept = self.attacker_crops(prot, first.seed, current.image_size,
-                                                                          adaptation)
-                    t1 = time.perf_counter()
-                    if crops is None or n_kept == 0:
-                        retrain_info = {"retrain_images": 0, "model_unchanged": True}
-                    else:
-                        _seed(first.seed, "adapt", first.defense, first.model, first.adaptation, k)
-                        model_attrs = select_attrs(attrs, self.data.attr_names, current.attributes,
-                                                   f"model {current.name!r}")
-                        before = current_hash
-                        extra = {}
-                        d_net = self._discriminators.get(first.model) if k == 1 else None
-                        if d_net is not None and "discriminator" in inspect.signature(adaptation.adapt).parameters:
-                            extra["discriminator"] = d_net.to(self.device)
-                        new = adaptation.adapt(current, crops.to(self.device), model_attrs.to(self.device),
-                                               steps=self.cfg.adaptations.steps,
-                                               seed=derived_seed(first.seed, "adapt", k) % (2 ** 31),
-                                               progress=self.progress, **extra)
-                        if state_dict_hash(current) != before:
-                            self._models.pop(first.model, None)  # the cached model is spoilt: reload it
-                            raise TsdfBenchError(
-                                f"adaptation {first.adaptation!r} changed the model in place; adapt() must "
-                                "return a new model and leave its input untouched")
-                        current = new.to(self.device).eval()
-                        current_hash = state_dict_hash(current)
-                        retrain_info = {"retrain_images": n_kept, "model_unchanged": current_hash == before}
-                        info = getattr(adaptation, "last_info", None)
-                        if isinstance(info, dict):
-                            retrain_info["adaptation_info"] = dict(info)
-                    shared.update(prep_s=t1 - t0, adapt_s=time.perf_counter() - t1)
-                except Exception as exc:  # noqa: BLE001 - every later round of the chain fails with it
-                    for c in cells:
-                        if c.round >= k:
-                            self._write_error(c, exc, prot, bar, stage=f"retraining round {k}")
-                    return
-            if k not in wanted:
-                continue
-            cell = wanted[k]
-            timings = dict(shared)
+            cell = wanted.get(k) or wanted[min(wanted)]._replace(round=k)
+            state = self.advance(state, cell, prot, write=k in wanted, bar=bar)
+
+    def start_chain(self, cell: Cell) -> ChainState:
+        """The state before round 0 of ``cell``'s chain: its round-0 model (or the failure to load it)."""
+        try:
+            model = self.model(cell.model)
+        except _Failed as exc:
+            return ChainState(None, "", "", failure=(exc, ""))
+        return ChainState(model, self._model_hash[cell.model], self._model_hash[cell.model])
+
+    def advance(self, state: ChainState, cell: Cell, prot: Protected, *, write: bool = True, bar=None) -> ChainState:
+        """Round ``cell.round`` of a chain: retrain (rounds >= 1) from ``state``, then, if ``write``,
+        measure and store the cell.  Returns the state the next round starts from.  A round that is
+        already stored (``write=False``, after ``--resume``) still retrains, so that later rounds
+        start from the same model as in an uninterrupted run (every step is seeded)."""
+        k = cell.round
+        if state.failure is None and k > 0:
+            state = replace(state, shared=dict(state.shared))
+            t0 = time.perf_counter()
             try:
-                metrics = self.measure(cell, current, prot, crop_kept, timings)
-            except Exception as exc:  # noqa: BLE001
-                self._write_error(cell, exc, prot, bar)
-                continue
-            provenance = {**self.provenance_base(), "seed": cell.seed, "checkpoint_sha256": current_hash,
-                          "base_checkpoint_sha256": self._model_hash[cell.model],
-                          "perturbation_sha256": prot.perturbation_sha256, **prot.info,
-                          "adaptation_steps": self.cfg.adaptations.steps if k > 0 else 0, **retrain_info}
-            self.store.write_cell(self.run_id, cell.key(), status="ok", metrics=metrics,
-                                  provenance=provenance, timings=timings)
-            if bar is not None:
-                bar.update(1)
+                adaptation = self.adaptations[cell.adaptation]
+                current = state.model
+                crops, attrs, state.crop_kept, n_kept = self.attacker_crops(prot, cell.seed, current.image_size,
+                                                                            adaptation)
+                t1 = time.perf_counter()
+                if crops is None or n_kept == 0:
+                    state.retrain_info = {"retrain_images": 0, "model_unchanged": True}
+                else:
+                    _seed(cell.seed, "adapt", cell.defense, cell.model, cell.adaptation, k)
+                    model_attrs = select_attrs(attrs, self.data.attr_names, current.attributes,
+                                               f"model {current.name!r}")
+                    before = state.hash
+                    extra = {}
+                    if k == 1:
+                        self.model(cell.model)  # (in a fresh worker process: loads the trained D too)
+                    d_net = self._discriminators.get(cell.model) if k == 1 else None
+                    if d_net is not None and "discriminator" in inspect.signature(adaptation.adapt).parameters:
+                        extra["discriminator"] = d_net.to(self.device)
+                    new = adaptation.adapt(current, crops.to(self.device), model_attrs.to(self.device),
+                                           steps=self.cfg.adaptations.steps,
+                                           seed=derived_seed(cell.seed, "adapt", k) % (2 ** 31),
+                                           progress=self.progress, **extra)
+                    if state_dict_hash(current) != before:
+                        self._models.pop(cell.model, None)  # the cached model is spoilt: reload it
+                        raise TsdfBenchError(
+                            f"adaptation {cell.adaptation!r} changed the model in place; adapt() must "
+                            "return a new model and leave its input untouched")
+                    state.model = new.to(self.device).eval()
+                    state.hash = state_dict_hash(state.model)
+                    state.retrain_info = {"retrain_images": n_kept, "model_unchanged": state.hash == before}
+                    info = getattr(adaptation, "last_info", None)
+                    if isinstance(info, dict):
+                        state.retrain_info["adaptation_info"] = dict(info)
+                state.shared.update(prep_s=t1 - t0, adapt_s=time.perf_counter() - t1)
+            except Exception as exc:  # noqa: BLE001 - every later round of the chain fails with it
+                state.failure = (exc, f"retraining round {k}")
+        if not write:
+            return state
+        if state.failure is not None:
+            exc, stage = state.failure
+            self._write_error(cell, exc, prot, bar, stage=stage)
+            return state
+        timings = {**prot.timings, **state.shared}
+        try:
+            metrics = self.measure(cell, state.model, prot, state.crop_kept, timings)
+        except Exception as exc:  # noqa: BLE001
+            self._write_error(cell, exc, prot, bar)
+            return state
+        provenance = {**self.provenance_base(), "seed": cell.seed, "checkpoint_sha256": state.hash,
+                      "base_checkpoint_sha256": state.base_hash,
+                      "perturbation_sha256": prot.perturbation_sha256, **prot.info,
+                      "adaptation_steps": self.cfg.adaptations.steps if k > 0 else 0, **state.retrain_info}
+        self.store.write_cell(self.run_id, cell.key(), status="ok", metrics=metrics,
+                              provenance=provenance, timings=timings)
+        if bar is not None:
+            bar.update(1)
+        return state
 
     def _write_error(self, cell: Cell, exc: BaseException, prot: Protected | None = None, bar=None, stage=""):
-        cause = exc.__cause__ if isinstance(exc, _Failed) and exc.__cause__ is not None else exc
-        text = f"{stage + ': ' if stage else ''}{type(exc).__name__}: {exc}" if not isinstance(exc, _Failed) \
-            else f"{stage + ': ' if stage else ''}{exc}"
-        tb = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
+        failure = CellFailure.of(exc)
+        text = f"{stage + ': ' if stage else ''}{failure.text}"
+        tb = failure.traceback_text
         provenance = {**self.provenance_base(), "seed": cell.seed, "traceback": tb}
         if prot is not None:
             provenance["perturbation_sha256"] = prot.perturbation_sha256
@@ -556,11 +598,16 @@ class Runner:
                                 self.run_chain(chain, prot, bar)
         finally:
             bar.close()
-        rows = {(r["defense"], r["model"], r["adaptation"], r["round"], r["seed"]): r
-                for r in self.store.rows(self.run_id)}
-        errors = [rows[tuple(c)] for c in cells if tuple(c) in rows and rows[tuple(c)]["status"] != "ok"]
-        ok = sum(1 for c in cells if tuple(c) in rows and rows[tuple(c)]["status"] == "ok")
-        return RunSummary(self.run_id, self.run_dir, len(cells), ok, errors, len(cells) - len(todo))
+        return summarize(self, cells, todo)
+
+
+def summarize(runner: Runner, cells: list[Cell], todo: list[Cell]) -> RunSummary:
+    """Counts and failures of a run's cells, read back from its store."""
+    rows = {(r["defense"], r["model"], r["adaptation"], r["round"], r["seed"]): r
+            for r in runner.store.rows(runner.run_id)}
+    errors = [rows[tuple(c)] for c in cells if tuple(c) in rows and rows[tuple(c)]["status"] != "ok"]
+    ok = sum(1 for c in cells if tuple(c) in rows and rows[tuple(c)]["status"] == "ok")
+    return RunSummary(runner.run_id, runner.run_dir, len(cells), ok, errors, len(cells) - len(todo))
 
 
 SECTION_OF = {"defense": "defenses", "adaptation": "adaptations", "metric": "metrics", "model": "models",

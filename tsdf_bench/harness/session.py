@@ -91,9 +91,18 @@ def _log(message: str) -> None:
     tqdm.write(message)  # does not break an active progress bar
 
 
+EXECUTORS = ("local", "ray")
+
+
 def run_config(cfg: RunConfig | None, registry, *, output=None, resume: str | None = None, progress: bool = True,
-               log=_log, figures: bool = True) -> RunOutputs:
-    """Run (or resume) a config to the end and write its outputs.  Ctrl-C marks the run interrupted."""
+               log=_log, figures: bool = True, executor: str = "local", ray_options: dict | None = None) -> RunOutputs:
+    """Run (or resume) a config to the end and write its outputs.  Ctrl-C marks the run interrupted.
+
+    ``executor``: ``"local"`` (this process, the default) or ``"ray"`` (one Ray task per cell,
+    :mod:`.ray_executor`; ``ray_options`` go to :func:`~.ray_executor.run_on_ray`: ``address``,
+    ``cpus_per_task``, ``gpus_per_task``).  Both write the same rows."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     if cfg is not None:  # fail before a run is created
         check_names(cfg, registry)
         check_options(cfg, registry)
@@ -102,7 +111,12 @@ def run_config(cfg: RunConfig | None, registry, *, output=None, resume: str | No
     log(f"run {run_id}: {cfg.source} (config hash {cfg.hash[:12]}) -> {run_dir}")
     try:
         runner = Runner(cfg, registry, store, run_id, run_dir, progress=progress, log=log)
-        summary = runner.run()
+        if executor == "ray":
+            from .ray_executor import run_on_ray
+
+            summary = run_on_ray(runner, **(ray_options or {}))
+        else:
+            summary = runner.run()
     except KeyboardInterrupt:
         store.set_status(run_id, "interrupted")
         log(f"interrupted: finished cells are stored; continue with: tsdf-bench run --resume {run_id} "
