@@ -29,8 +29,18 @@ class CMUA(UniversalDefense):
     call (sum of MSEs) -- T times cheaper, not the paper's schedule.  Cheap CPU demo schedule:
     ``max_images=16, batch_size=8, iterations=5, joint_targets=True``.
 
-    Departures and why: the factor search (NNI TPE over uniform[0, 10]) is not run here; pass
-    tuned factors explicitly.  Attribute handling is the model plugin's ``conditions`` (the code's
+    **Factor search** (optional, ``search_trials > 0``; off by default because it refits the
+    perturbation once per trial): Optuna's TPE sampler (seeded with the defense's seed) draws one
+    factor per model from ``uniform(*search_range)`` (paper: [0, 10]) per trial, fits with them, and
+    scores the perturbation by the mean over models of SR_mask (share of (image, target) pairs with
+    L2_mask > 0.05, :mod:`tsdf_bench.metrics`) on the last ``search_images`` (paper: 20) of the
+    given images; the best trial's factors are then used, and every trial is in ``provenance``.
+    Factors given in ``factors`` are fixed, not searched.
+
+    Departures and why: the search uses Optuna's TPE rather than NNI's (same algorithm family, a
+    maintained library); its images are the last ``search_images`` of the fitting images (the
+    code scores on test images), and when fewer than ``max_images + search_images`` images are
+    given they overlap the fitting images.  Attribute handling is the model plugin's ``conditions`` (the code's
     StarGAN labels are offset by two rows, a defect not reproduced).
     """
 
@@ -38,30 +48,45 @@ class CMUA(UniversalDefense):
 
     def __init__(self, eps: float = 0.05, seed: int = 0, device="cpu", *, iterations: int = 10, step: float = 0.01,
                  ema: float = 0.5, passes: int = 1, batch_size: int = 64, max_images: int | None = 128,
-                 factors: dict | None = None, joint_targets: bool = False, max_targets: int | None = None):
+                 factors: dict | None = None, joint_targets: bool = False, max_targets: int | None = None,
+                 search_trials: int = 0, search_range=(0.0, 10.0), search_images: int = 20):
         super().__init__(eps, seed, device)
         self.options = options_of(locals())
         for key, value in self.options.items():
             setattr(self, key, value)
         self.factors = dict(factors or {})
+        self.search_range = tuple(float(v) for v in search_range)
+        self.search: dict | None = None
 
     def fit(self, images, attrs, models, detectors=()):
         super().fit(images, attrs, models, detectors)
         require(self.models, "deepfake model", self.name, "pass the models to attack")
-        x = check_images(images, "cmua.fit")[: self.max_images]
-        attrs = slice_attrs(attrs, slice(0, x.shape[0]))
+        images = check_images(images, "cmua.fit")
+        x = images[: self.max_images]
         unknown = set(self.factors) - {m.name for m in self.models}
         if unknown:
             raise ValueError(f"cmua factors name unknown models {sorted(unknown)}; the models are "
                              f"{[m.name for m in self.models]}")
-        gen, start = self.generator(), time.perf_counter()
+        start = time.perf_counter()
+        factors = {m.name: float(self.factors.get(m.name, 1.0)) for m in self.models}
+        if self.search_trials > 0:
+            factors = self._search_factors(images, attrs, x)
+        self.perturbation = self._fit_with(x, slice_attrs(attrs, slice(0, x.shape[0])), factors)
+        self.provenance = {"options": self.options, "images": int(x.shape[0]), "size": list(x.shape[-2:]),
+                           "models": [m.name for m in self.models], "factors": factors, "search": self.search,
+                           "fit_seconds": round(time.perf_counter() - start, 3)}
+        return self
+
+    def _fit_with(self, x, attrs, factors: dict) -> torch.Tensor:
+        """The universal perturbation for the given per-model factors (same seed, same draws)."""
+        gen = self.generator()
         self._w = None
         for _ in range(self.passes):
             for sl in batches(x.shape[0], self.batch_size):
                 xb = x[sl]
                 ab = slice_attrs(attrs, sl)
                 for m in self.models:
-                    factor = float(self.factors.get(m.name, 1.0))
+                    factor = factors[m.name]
                     if self.joint_targets:
                         with torch.no_grad():
                             y = model_outputs(m, xb, ab, self.max_targets)
@@ -72,10 +97,46 @@ class CMUA(UniversalDefense):
                         with torch.no_grad():
                             y = m.generate(m.to_input_size(xb), c)
                         self._call(xb, lambda z: m.generate(m.to_input_size(z), c), y, factor, gen)
-        self.perturbation = self._w.detach()
-        self.provenance = {"options": self.options, "images": int(x.shape[0]), "size": list(x.shape[-2:]),
-                           "models": [m.name for m in self.models], "fit_seconds": round(time.perf_counter() - start, 3)}
-        return self
+        return self._w.detach()
+
+    @torch.no_grad()
+    def _score(self, w, x, attrs) -> float:
+        """Mean over models of SR_mask of ``x + w`` (the search objective)."""
+        from tsdf_bench.metrics import edit_mask, l2_mask, sr_mask
+
+        rates = []
+        for m in self.models:
+            clean = model_outputs(m, x, attrs, self.max_targets)
+            protected = model_outputs(m, (x + w).clamp(-1, 1), attrs, self.max_targets)
+            rate = sr_mask(l2_mask(protected, clean, edit_mask(clean, m.to_input_size(x))))
+            rates.append(rate or 0.0)
+        return sum(rates) / len(rates)
+
+    def _search_factors(self, images, attrs, x) -> dict:
+        try:
+            import optuna
+        except ImportError as exc:
+            raise ImportError("cmua search_trials > 0 needs Optuna: pip install 'tsdf-bench[search]' "
+                              "(or pip install optuna), or set search_trials = 0 and pass factors") from exc
+        n = min(self.search_images, images.shape[0])
+        sl = slice(images.shape[0] - n, images.shape[0])
+        x_val, a_val = images[sl], slice_attrs(attrs, sl)
+        a_fit = slice_attrs(attrs, slice(0, x.shape[0]))
+        low, high = self.search_range
+
+        def objective(trial):
+            factors = {m.name: float(self.factors[m.name]) if m.name in self.factors
+                       else trial.suggest_float(m.name, low, high) for m in self.models}
+            return self._score(self._fit_with(x, a_fit, factors), x_val, a_val)
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=self.seed))
+        study.optimize(objective, n_trials=self.search_trials)
+        best = {m.name: float(self.factors.get(m.name, study.best_params.get(m.name, 1.0))) for m in self.models}
+        self.search = {"sampler": "optuna TPE", "optuna": optuna.__version__, "trials": self.search_trials,
+                       "range": list(self.search_range), "images": n, "best_sr_mask": study.best_value,
+                       "history": [{"factors": t.params, "sr_mask": t.value} for t in study.trials]}
+        return best
 
     def _call(self, x, forward, y, factor, gen):
         """One model call: ``iterations`` PGD steps, each folded into W by the EMA."""
