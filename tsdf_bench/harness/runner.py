@@ -36,6 +36,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import re
 import time
 import traceback
@@ -455,10 +456,13 @@ class Runner:
                     boxes[d] = (self.clean_detections(d)[0], self.protected_detections(prot, d)[0])
                 except _Failed:
                     continue
+            # written under a private name, then renamed: Ray workers may race for the same file
+            tmp = det_path.with_name(f".{det_path.name}.{os.getpid()}")
             torch.save({"clean": self.data.eval.images[:1].clone(), "protected": prot.eval[:1].clone(),
                         "boxes": {d: {"clean": c.boxes.clone(), "clean_scores": c.scores.clone(),
                                       "protected": p.boxes.clone(), "protected_scores": p.scores.clone()}
-                                  for d, (c, p) in boxes.items()}}, det_path)
+                                  for d, (c, p) in boxes.items()}}, tmp)
+            tmp.replace(det_path)
 
     def run_chain(self, cells: list[Cell], prot: Protected, bar=None) -> None:
         """Rounds 0..k of one (seed, defense, model, adaptation); writes every cell in ``cells``."""
