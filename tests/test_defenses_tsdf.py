@@ -115,3 +115,56 @@ def test_demo_schedule_options_are_recorded(world):
     opts = d.provenance["options"]
     assert opts["eps"] == 0.04 and opts["step"] == 0.004 and opts["tau"] == 0.04 and opts["scale_weights"] == [5.0, 3.0, 4.0]
     assert len(d.history["interruption"]) == 1 and len(d.history["poisoning"]) == FAST["poison_steps"]
+
+
+def test_score_penalty_keeps_gradient_on_confident_faces():
+    """s^2 on a probability saturates where the face is confident; -log(1 - s) does not."""
+    from tsdf_bench.defenses.detector_losses import score_penalty
+
+    logits = torch.tensor([0.0, 3.0, 7.0], requires_grad=True)  # s = 0.5, 0.95, 0.999
+    (g_sq,) = torch.autograd.grad(score_penalty(torch.sigmoid(logits), "square").sum(), logits)
+    (g_log,) = torch.autograd.grad(score_penalty(torch.sigmoid(logits), "log").sum(), logits)
+    assert g_sq[2] < 0.01 * g_sq[0]  # the vanishing gradient of the printed s^2
+    assert torch.allclose(g_log, torch.sigmoid(logits.detach()))  # d/dlogit = s: largest when confident
+    assert score_penalty(torch.zeros(3), "log").abs().max() == 0 and score_penalty(torch.zeros(3), "square").max() == 0
+    with pytest.raises(ValueError):
+        score_penalty(torch.zeros(1), "cube")
+    with pytest.raises(ValueError, match="score_loss"):
+        TSDF(score_loss="cube")
+
+
+def test_poison_stays_inside_the_eq17_clip(world):
+    """W0 + delta never leaves [-eps, eps]: Adam does not push delta where the clip wastes it."""
+    x, _, _, dets = world
+    w0 = torch.full((1, 3, 16, 16), 0.03)
+    w0[..., :8] = -0.01
+    d = TSDF(**{**FAST, "poison_steps": 6}, mask=False)
+    d.detectors = dets
+    delta = d._poison(x, w0)
+    total = w0 + delta
+    assert total.abs().max() <= d.eps + 1e-7
+    assert delta.abs().max() > 0
+
+
+def test_poisoning_lowers_a_confident_detectors_face_scores(world):
+    """On a toy detector that is sure of its faces (s ~ 0.998), the poison lowers the scores of the
+    anchors that found them, far more than noise of the same budget."""
+    x, a, _, _ = world
+    det = ToyDetector("sure", 3)
+    with torch.no_grad():
+        for head in det.heads:
+            head.bias[0] += 6.0
+    det.requires_grad_(False)
+
+    def face_score(w):
+        with torch.no_grad():
+            clean = det.forward_attack(x).scores
+            adv = det.forward_attack((x + w).clamp(-1, 1)).scores
+        weights = clean / clean.sum(1, keepdim=True)
+        return float((weights * adv).sum(1).mean())
+
+    d = TSDF(**{**FAST, "poison_steps": 20}, interruption=False).fit(x, a, [], [det])
+    noise = (torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.05
+    before, after = face_score(torch.zeros(1, 3, 16, 16)), face_score(d.perturbation)
+    assert before > 0.99
+    assert before - after > 3 * abs(before - face_score(noise))

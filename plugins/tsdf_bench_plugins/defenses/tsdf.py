@@ -66,8 +66,8 @@ class TSDF(UniversalDefense):
     projected by a fixed seeded 1x1 conv to ``projection_channels`` (None: unprojected), resized to
     ``poison_feature_size`` (at most half the image size: upsampling further adds nothing),
     concatenated over detectors; target ``-clean + nu * M_d``), plus
-    ``poison_output_weight`` times eq. 13 (:func:`~tsdf_bench.defenses.detector_losses.output_loss`).
-    Result: ``clip(W0 + delta, -eps, eps)`` (eq. 17).
+    ``poison_output_weight`` times eq. 13 (:func:`~tsdf_bench.defenses.detector_losses.output_loss`
+    with ``score_loss``).  Result: ``clip(W0 + delta, -eps, eps)`` (eq. 17).
 
     Defaults (the paper's code): eps 0.05, passes 30, batch_size 8, max_images 128,
     feature_steps 3, step 1e-3, momentum 0.8, feature_size 32, enh_weight 1e-3, enh_temperature
@@ -88,8 +88,20 @@ class TSDF(UniversalDefense):
     - Stages run one after the other as the paper describes (the code runs the poisoning inside
       the stage-1 loop, from a hard-coded stage-1 file).  With ``interruption=False``, W0 = 0 so
       the mask allows poison everywhere.
-    - Stage 2 feeds the detectors ``x + clip(W0 + delta, -eps, eps)`` with a straight-through
-      gradient, so they see the perturbation that is deployed.
+    - Stage 2 feeds the detectors ``x + clip(W0 + delta, -eps, eps)``, the perturbation that is
+      deployed, and after each step also projects ``delta`` onto ``[-eps - W0, eps - W0]`` so that
+      ``W0 + delta`` stays inside the eq. 17 clip.  Eq. 17's result is unchanged; what changes is
+      that Adam can no longer push ``delta`` (up to ``poison_clip`` = 0.4, eight times eps) into
+      the region where the clip makes it ineffective, from which it took many steps to come back
+      once the gradient changed sign (a straight-through clip passed gradient there).
+    - Output loss score term: ``score_loss="log"`` (default) penalises ``-log(1 - s)`` instead of
+      the printed ``s^2`` (``score_loss="square"``).  The detectors' scores are softmax
+      probabilities, and ``s^2`` has gradient ``2 s^2 (1 - s)`` with respect to the logit: it
+      vanishes on confident faces (MTCNN scores 0.999, RetinaFace 0.95-1.0), the ones to remove.
+      ``-log(1 - s)`` has the same minimiser and gradient ``s``.  The release never had this
+      problem to face: it detaches the scores (no gradient at all, a listed defect), and its only
+      working output term is a logit margin on S3FD's head, i.e. also in logit space.
+    - The clean detector outputs of each batch are computed once, not at every step (speed only).
     - Model features are channel-summed per model and kept apart (``[B, M, fs, fs]``); the code
       sums the concatenation, letting models cancel each other.  L_enh: see :func:`enhanced_copy`
       (the code's batch-by-batch "channel attention" term is left out; the paper prints no formula).
@@ -110,12 +122,14 @@ class TSDF(UniversalDefense):
                  max_targets: int | None = None, tau: float = 0.040, beta: float = 5.0, poison_steps: int = 50,
                  poison_lr: float = 0.02, poison_clip: float = 0.4, grad_clip: float = 1.0, nu: float = 0.5,
                  scale_weights=(5.0, 3.0, 4.0), projection_channels: int | None = 128,
-                 poison_feature_size: int = 64, poison_output_weight: float = 12.0):
+                 poison_feature_size: int = 64, poison_output_weight: float = 12.0, score_loss: str = "log"):
         super().__init__(eps, seed, device)
         self.options = options_of(locals())
         for key, value in self.options.items():
             setattr(self, key, value)
         self.scale_weights = [float(w) for w in scale_weights]
+        if score_loss not in ("log", "square"):
+            raise ValueError(f"tsdf: score_loss must be 'log' or 'square', got {score_loss!r}")
         self.poison_mask: torch.Tensor | None = None
         self.history: dict[str, list[float]] = {"interruption": [], "poisoning": []}
 
@@ -208,19 +222,27 @@ class TSDF(UniversalDefense):
         size = min(self.poison_feature_size, max(1, max(x.shape[-2:]) // 2))
         mask_map = F.interpolate(mask.mean(1, keepdim=True), size=(size, size), mode="bilinear", align_corners=False)
         slices = list(batches(x.shape[0], self.batch_size))
+        # the clean outputs depend only on the batch: computed once per batch, not once per step
+        clean_cache: dict[int, tuple] = {}
+        # the deployed perturbation is clip(W0 + delta, -eps, eps) (eq. 17): keep W0 + delta inside
+        # [-eps, eps] so that Adam never pushes delta where the clip makes it ineffective
+        low, high = -self.eps - w0, self.eps - w0
         history = []
         for step in range(self.poison_steps):
-            xb = x[slices[step % len(slices)]]
-            with torch.no_grad():
-                clean = [d.forward_attack(xb) for d in dets]
-                clean_fused = fused_scales(clean, project, size, n_scales)
-            w = w0 + delta
-            w = w + (w.clamp(-self.eps, self.eps) - w).detach()  # straight-through eq. 17 clip
+            k = step % len(slices)
+            xb = x[slices[k]]
+            if k not in clean_cache:
+                with torch.no_grad():
+                    clean = [d.forward_attack(xb) for d in dets]
+                    clean_cache[k] = (clean, fused_scales(clean, project, size, n_scales))
+            clean, clean_fused = clean_cache[k]
+            w = (w0 + delta).clamp(-self.eps, self.eps)  # eq. 17 (the identity inside the feasible box)
             adv = [d.forward_attack((xb + w).clamp(-1, 1)) for d in dets]
             adv_fused = fused_scales(adv, project, size, n_scales)
             l_feat = sum(sw * F.mse_loss(a, -c + self.nu * mask_map)
                          for sw, a, c in zip(self.scale_weights, adv_fused, clean_fused))
-            l_out = sum(output_loss(a, c, max(xb.shape[-2:])) for a, c in zip(adv, clean)) / len(dets)
+            l_out = sum(output_loss(a, c, max(xb.shape[-2:]), self.score_loss)
+                        for a, c in zip(adv, clean)) / len(dets)
             loss = l_feat + self.poison_output_weight * l_out
             opt.zero_grad()
             loss.backward()
@@ -229,6 +251,7 @@ class TSDF(UniversalDefense):
             sched.step()
             with torch.no_grad():
                 delta.mul_(mask).clamp_(-self.poison_clip, self.poison_clip)
+                delta.copy_(torch.maximum(torch.minimum(delta, high), low))
             history.append(loss.detach())
         if history:
             self.history["poisoning"].extend(torch.stack(history).float().cpu().tolist())
