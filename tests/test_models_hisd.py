@@ -307,3 +307,18 @@ def test_shared_trainer_runs_a_few_steps():
     assert parts == ["d", "g", "d", "g"]
     assert all(np.isfinite(v) for row in result.history for k, v in row.items() if k not in ("step", "part"))
     assert not torch.equal(before, model.encoder[0].weight)
+
+
+def test_demo_translator_starts_as_the_identity():
+    """Demo only: T(e, s) = e at initialisation, so the edit grows out of a plain reconstruction
+    (module doc); the paper and smoke scales keep the official random initialisation."""
+    torch.manual_seed(0)
+    model = HiSD("demo")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        e = model.encode(x)
+        s = model.conditions(_labels(2))[0]
+        torch.testing.assert_close(model.translate(e, s, model.edit_tag), e, atol=1e-5, rtol=1e-5)
+        smoke = HiSD("smoke")
+        e = smoke.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+        assert (smoke.translate(e, smoke.conditions(torch.zeros(2, len(smoke.attributes)))[0], 1) - e).abs().max() > 1e-2
