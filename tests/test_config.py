@@ -114,7 +114,7 @@ def test_shipped_configs_are_valid(name):
     assert cfg.run.scale == name.split(".")[0]
     if name == "demo.toml":
         assert cfg.defenses.names == ["tsdf", "cmua", "found", "pgd", "facepoison", "noise", "none"]
-        assert cfg.models.names == ["stargan", "attentiongan", "attgan"]  # demo HiSD does not train yet
+        assert cfg.models.names == ["stargan", "attentiongan", "attgan", "hisd"]
     if name == "paper.toml":
         assert cfg.models.names == ["stargan", "attentiongan", "attgan", "hisd"]
         assert cfg.detectors.attacker == "mtcnn" and cfg.adaptations.names == ["retrain"] and cfg.run.rounds == 1
