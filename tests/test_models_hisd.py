@@ -322,3 +322,17 @@ def test_demo_translator_starts_as_the_identity():
         smoke = HiSD("smoke")
         e = smoke.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
         assert (smoke.translate(e, smoke.conditions(torch.zeros(2, len(smoke.attributes)))[0], 1) - e).abs().max() > 1e-2
+
+
+def test_demo_generator_losses_leave_the_model_copyable():
+    """The attacker's retraining deep-copies the trained model: the demo's content-change term must
+    not leave a graph tensor on the module (it did, and every HiSD retraining round failed)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = HiSD("demo")
+    terms = model.losses(model.make_discriminator(), torch.rand(4, 3, 64, 64) * 2 - 1, _labels(4), "g", tag=2)
+    assert terms["g_trans_l1"].requires_grad
+    sum(terms.values()).backward()
+    clone = copy.deepcopy(model)
+    assert all(torch.equal(a, b) for a, b in zip(clone.state_dict().values(), model.state_dict().values()))

@@ -649,10 +649,9 @@ class HiSD(DeepfakeModel):
         s_all = torch.stack([self.map(z, tag, a) for a in range(len(TAGS[tag][1]))], 1)
         s_trg = s_all[torch.arange(x.shape[0], device=x.device), j_trg]
         e_trg = self.translate(e, s_trg, tag)
-        self._last_content_change = (e_trg - e).abs().mean()
         x_trg = self.decode(e_trg)
         x_cyc = self.decode(self.translate(self.encode(x_trg), s, tag)) if self.config.get("cycle", True) else None
-        return e, s, s_trg, x_trg, x_cyc
+        return e, e_trg, s, s_trg, x_trg, x_cyc
 
     def reconstruction_loss(self, x: torch.Tensor, attrs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Demo warm-up term (see :func:`tsdf_bench.models.training.train`): HiSD's plain and
@@ -678,7 +677,7 @@ class HiSD(DeepfakeModel):
         w = self.loss_weights
         if part == "d":
             with torch.no_grad():
-                _, s, s_trg, x_trg, x_cyc = self._translations(x, tag, j_trg)
+                _, _, s, s_trg, x_trg, x_cyc = self._translations(x, tag, j_trg)
             x_real = x.detach().requires_grad_(bool(reg_scale))
             real = discriminator.pick(x_real, s, y, tag, j)
             rows = range(2) if x_cyc is not None else range(1)
@@ -696,7 +695,7 @@ class HiSD(DeepfakeModel):
         with contextlib.ExitStack() as stack:
             for module in frozen:
                 stack.enter_context(_FrozenParams(module))
-            e, s, s_trg, x_trg, x_cyc = self._translations(x, tag, j_trg)
+            e, e_trg, s, s_trg, x_trg, x_cyc = self._translations(x, tag, j_trg)
             x_slf = self.decode(self.translate(e, s, tag))
             s_trg_rec = self.extract(x_trg, tag)
             if self.config["ali_real_term"]:
@@ -717,7 +716,7 @@ class HiSD(DeepfakeModel):
             "g_rec": w["rec"] * rec,
         }
         if self.config.get("translation_l1"):  # demo: keep T(e, s) close to e (a sparse edit)
-            terms["g_trans_l1"] = self.config["translation_l1"] * self._last_content_change
+            terms["g_trans_l1"] = self.config["translation_l1"] * (e_trg - e).abs().mean()
         return terms
 
 
