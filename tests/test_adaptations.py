@@ -154,3 +154,31 @@ def test_retrain_real_stargan_smoke(registry):
     new = registry.create("adaptation", "retrain", batch_size=2).adapt(model, crops, attrs, steps=1, seed=0)
     assert type(new) is type(model) and not new.training
     assert new.generate_all(crops, attrs).shape == (2, 5, 3, 32, 32)
+
+
+def test_retrain_penalty_interval_follows_the_models_training(registry, monkeypatch):
+    """Demo models were trained with lazy regularisation (every 4th D step); the attacker fine-tunes
+    them the same way unless ``reg_every`` says otherwise; other scales get the official every step."""
+    import tsdf_bench.models.training as training
+
+    seen = []
+    real_train = training.train
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["reg_every"])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train", spy)
+    crops = _images(2, 64)
+    attrs = torch.tensor([[1., 0., 0., 1., 0.], [0., 1., 0., 0., 1.]])
+    retrain = registry.create("adaptation", "retrain", batch_size=2)
+    demo = registry.create("model", "stargan", scale="demo")
+    retrain.adapt(demo, crops, attrs, steps=1, seed=0)
+    assert retrain.last_info["reg_every"] == 4
+    smoke = registry.create("model", "stargan", scale="smoke")
+    retrain.adapt(smoke, _images(2, 32), attrs, steps=1, seed=0)
+    fixed = registry.create("adaptation", "retrain", batch_size=2, reg_every=2)
+    fixed.adapt(demo, crops, attrs, steps=1, seed=0)
+    assert seen == [4, 1, 2]
+    with pytest.raises(ConfigError, match="reg_every"):
+        registry.create("adaptation", "retrain", reg_every=0)

@@ -1,4 +1,4 @@
-"""Retraining on collected protected images: TSDF's threat model (Zhang et al., the seed paper).
+"""Retraining on collected protected images: TSDF's threat model (Zheng et al., the seed paper).
 
 The attacker scrapes protected photos, runs its data preparation (detect, crop, align) and
 fine-tunes the forgery model on the crops it gets, with the model's own GAN objective
@@ -23,7 +23,10 @@ class RetrainAdaptation(Adaptation):
     Args (all optional): ``batch_size`` (16), ``lr`` / ``lr_d`` (None: the model's
     ``train_defaults``, else 1e-4), ``n_critic`` (None: model default), ``warmup_d_steps``
     (None: ``steps // 4``; used only when no discriminator is available: the official
-    checkpoints ship G only, so a fresh D is first trained alone, as TSDF does for HiSD).
+    checkpoints ship G only, so a fresh D is first trained alone, as TSDF does for HiSD),
+    ``reg_every`` (None: the interval the model was trained with -- a demo-scale model's
+    recipe in :data:`tsdf_bench.models.zoo.DEMO_RECIPES`, lazy regularisation every 4th D step;
+    1, the official every-step penalty, for every other scale).
 
     The discriminator is taken from ``adapt(..., discriminator=D)``, else from a
     ``model.discriminator`` attribute, else from an earlier ``adapt`` call that produced
@@ -40,12 +43,15 @@ class RetrainAdaptation(Adaptation):
     retrains = True
 
     def __init__(self, batch_size: int = 16, lr: float | None = None, lr_d: float | None = None,
-                 n_critic: int | None = None, warmup_d_steps: int | None = None):
+                 n_critic: int | None = None, warmup_d_steps: int | None = None, reg_every: int | None = None):
         if int(batch_size) < 1:
             raise ConfigError(f"adaptation 'retrain': batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.lr, self.lr_d, self.n_critic = lr, lr_d, n_critic
         self.warmup_d_steps = warmup_d_steps
+        if reg_every is not None and int(reg_every) < 1:
+            raise ConfigError(f"adaptation 'retrain': reg_every must be >= 1, got {reg_every}")
+        self.reg_every = reg_every
         self.last_info: dict = {}
         self.last_result = None
         self._discriminators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -74,9 +80,20 @@ class RetrainAdaptation(Adaptation):
                        discriminator=copy.deepcopy(discriminator) if discriminator is not None else None,
                        batch_size=self.batch_size, lr=self.lr, lr_d=self.lr_d, n_critic=self.n_critic,
                        seed=int(seed), warmup_d_steps=int(warmup), progress=progress,
-                       checkpoint_dir=checkpoint_dir)
+                       checkpoint_dir=checkpoint_dir, reg_every=self._reg_every(model))
         self._discriminators[result.model] = result.discriminator
         self.last_result = result
-        self.last_info = {"images": n, "steps": result.steps,
+        self.last_info = {"images": n, "steps": result.steps, "reg_every": self._reg_every(model),
                           "warmup_d_steps": int(warmup) if discriminator is None else 0}
         return result.model
+
+    def _reg_every(self, model) -> int:
+        """The gradient-penalty interval: as configured, else the one the model was trained with."""
+        if self.reg_every is not None:
+            return int(self.reg_every)
+        if getattr(model, "scale", None) != "demo":
+            return 1
+        from tsdf_bench.models.zoo import recipe_for
+
+        recipe = {**recipe_for(model.name, "demo"), **(getattr(model, "demo_recipe", None) or {})}
+        return int(recipe.get("reg_every", 1))
