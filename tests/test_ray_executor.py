@@ -64,3 +64,32 @@ def test_missing_ray_is_a_clear_error(tmp_path, monkeypatch, capsys):
     config.write_text(CONFIG)
     code, _, err = cli_here(capsys, str(config), "--output", str(tmp_path / "runs"), "--executor", "ray")
     assert code == 2 and "pip install" in err and "ray" in err
+
+
+@pytest.mark.slow
+def test_ray_executor_connects_to_an_existing_cluster(tmp_path, capsys):
+    """``--ray-address``: a cluster started beforehand (``ray start --head``) is used, not stopped."""
+    import subprocess
+
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_cli, "start", "--head", "--port", "0", "--num-cpus", "2", "--include-dashboard", "false",
+                    "--disable-usage-stats"], check=True, capture_output=True, timeout=120)
+    try:
+        reference = run(tmp_path / "local").rows
+        config = tmp_path / "fake.toml"
+        config.write_text(CONFIG)
+        code, stdout, err = cli_here(capsys, str(config), "--output", str(tmp_path / "ray"), "--executor", "ray",
+                                     "--ray-address", "auto")
+        assert code == 1, err
+        assert_same_rows(ResultsStore(tmp_path / "ray" / "results.sqlite").rows(), reference)
+        import ray
+        from ray._private import state
+
+        assert not ray.is_initialized()
+        ray.init(address="auto", log_to_driver=False)  # the cluster is still up after the run ...
+        try:
+            assert len(state.jobs()) == 2  # ... and ran the run's driver (plus this check's)
+        finally:
+            ray.shutdown()
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
