@@ -115,3 +115,29 @@ def peak_memory(fn=None, device="cpu") -> dict:
         fn()
     after = _maxrss_mib()
     return {"peak_rss_mib": round(after, 1), "peak_rss_growth_mib": round(after - before, 1)}
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name substring.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
+
+
+def flops_of(fn) -> int:
+    """FLOPs of one call of ``fn`` (``torch.utils.flop_counter``: matmuls and convolutions, forward
+    and backward; elementwise work is not counted, so the fraction of peak is a lower bound)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def throughput(flops: int, seconds: float, device) -> dict:
+    """Achieved TFLOP/s and, on a GPU whose bf16 peak is known, the fraction of that peak."""
+    out = {"flops": flops, "achieved_tflops": round(flops / seconds / 1e12, 4)}
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        out["gpu"] = name
+        if peak:
+            out["fraction_of_bf16_peak"] = round(flops / seconds / peak, 5)
+    return out

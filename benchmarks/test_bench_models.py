@@ -2,13 +2,16 @@
 at demo scale (64 px, batch 4) and paper scale (256 px, batch 1, random weights; ``paper_scale``).
 
 The straightforward counterpart is the per-target loop (one generator call per target,
-``speed.optimizations(False)``); the optimised path is the plugin's batched ``generate_all``.
+``speed.optimizations(False)``, fp32, default memory format); the optimised path is the plugin's
+batched ``generate_all`` (on CUDA also bf16 autocast and channels_last).  ``extra_info`` also
+has the step's FLOPs, the achieved TFLOP/s and, on a GPU with a known bf16 peak, the fraction of
+that peak.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compare, peak_memory
+from conftest import compare, flops_of, peak_memory, throughput
 from tsdf_bench import speed
 from tsdf_bench.defenses.attack_utils import model_outputs
 from tsdf_bench.harness.data import select_attrs
@@ -49,6 +52,8 @@ def _bench(benchmark, registry, faces, device, name, scale, batch):
     compare(benchmark, step, straightforward, device, repeat=1 if paper else 2, warmup=not paper,
             scale=scale, batch=batch, image_size=model.image_size,
             targets=len(model.conditions(attrs)), on=str(device))
+    # throughput of the optimised step (FLOPs counted once, timed by pytest-benchmark above)
+    benchmark.extra_info.update(throughput(flops_of(step), benchmark.stats.stats.median, device))
     memory = peak_memory(None, device)
     if "peak_rss_mib" in memory:
         memory["peak_rss_growth_mib"] = round(memory["peak_rss_mib"] - rss_before["peak_rss_mib"], 1)
