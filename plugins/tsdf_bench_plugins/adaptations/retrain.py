@@ -76,14 +76,15 @@ class RetrainAdaptation(Adaptation):
                 self._discriminators[new_model] = discriminator
             return new_model
         warmup = self.warmup_d_steps if self.warmup_d_steps is not None else steps // 4
+        reg_every = self._reg_every(model)
         result = train(new_model, crops, attrs, int(steps),
                        discriminator=copy.deepcopy(discriminator) if discriminator is not None else None,
                        batch_size=self.batch_size, lr=self.lr, lr_d=self.lr_d, n_critic=self.n_critic,
                        seed=int(seed), warmup_d_steps=int(warmup), progress=progress,
-                       checkpoint_dir=checkpoint_dir, reg_every=self._reg_every(model))
+                       checkpoint_dir=checkpoint_dir, reg_every=reg_every)
         self._discriminators[result.model] = result.discriminator
         self.last_result = result
-        self.last_info = {"images": n, "steps": result.steps, "reg_every": self._reg_every(model),
+        self.last_info = {"images": n, "steps": result.steps, "reg_every": reg_every,
                           "warmup_d_steps": int(warmup) if discriminator is None else 0}
         return result.model
 
