@@ -29,7 +29,9 @@ optimisations are on (``[run] optimize``, :mod:`tsdf_bench.speed`); with them of
 recomputes them (the papers' straightforward way; same values, see tests/test_speed.py).  A failing cell (any exception in a plugin) is stored with status ``error``, the error
 text and the traceback; the other cells go on.  Ctrl-C stops cleanly: finished cells stay stored.
 Every random step reseeds torch from (seed, step names), so a resumed run gives the rows of an
-uninterrupted one.
+uninterrupted one.  A chain of rounds is :meth:`Runner.start_chain` then one
+:meth:`Runner.advance` per round; :meth:`Runner.run` loops over them here, and
+:mod:`.ray_executor` runs each round as its own Ray task.
 """
 from __future__ import annotations
 
