@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from tsdf_bench.config import load_config
 from tsdf_bench.harness import ResultsStore, run_config
@@ -186,3 +187,42 @@ def test_smoke_config_runs_end_to_end_with_the_real_plugins(tmp_path):
     assert [r["retrained_clean_mse"] > 0 for r in out.rows if r["round"] == 1] == [True, True]
     assert sorted(out.files) == ["figures", "leaderboard", "results"]
     assert (out.summary.run_dir / "leaderboard" / "leaderboard.md").is_file()
+
+
+VARIANT = """
+[defenses.fake-shift-half]
+plugin = "fake-shift"
+strength = 0.5
+"""
+
+
+def test_defense_variants_run_side_by_side(tmp_path):
+    """An ablation is a config: a second table for the same plugin, under its own name."""
+    text = CONFIG.replace('["fake-shift", "fake-perimage", "fake-broken"]', '["fake-shift", "fake-shift-half"]')
+    text = text.replace("seeds = [0, 1]", "seeds = [0]") + VARIANT
+    out = run(tmp_path, text)
+    rows = out.rows
+    assert all(r["status"] == "ok" for r in rows)
+    by = {d: [r for r in rows if r["defense"] == d] for d in ("fake-shift", "fake-shift-half")}
+    assert len(by["fake-shift"]) == len(by["fake-shift-half"]) == 8
+    assert {r["defense_plugin"] for r in rows} == {"fake-shift"}
+    full, half = by["fake-shift"][0], by["fake-shift-half"][0]
+    assert full["perturbation_sha256"] != half["perturbation_sha256"]
+    from tsdf_bench.defenses.base import load_perturbation
+
+    folder = out.summary.run_dir / "perturbations"
+    w_full, _ = load_perturbation(folder / "fake-shift-seed0.pt")
+    w_half, _ = load_perturbation(folder / "fake-shift-half-seed0.pt")
+    torch.testing.assert_close(w_half, w_full / 2)  # the variant's own option (strength 0.5) was applied
+
+
+def test_defense_variant_errors_name_the_variant_table(tmp_path):
+    from tsdf_bench.errors import ConfigError, UnknownNameError
+
+    text = CONFIG.replace('["fake-shift", "fake-perimage", "fake-broken"]', '["fake-shift-half"]')
+    with pytest.raises(ConfigError, match=r"\[defenses.fake-shift-half\].*'strenght'"):
+        run(tmp_path / "typo", text + VARIANT.replace("strength", "strenght"))
+    with pytest.raises(UnknownNameError, match="fake-shfit"):
+        run(tmp_path / "plugin", text + VARIANT.replace('plugin = "fake-shift"', 'plugin = "fake-shfit"'))
+    with pytest.raises(ConfigError, match="plugin must be a defense name"):
+        run(tmp_path / "type", text + VARIANT.replace('plugin = "fake-shift"', "plugin = 3"))

@@ -103,10 +103,29 @@ class ModelsSection(PluginSection):
 
 @dataclass
 class DefensesSection(PluginSection):
+    """A defense's table may name the plugin it configures, so that variants of one plugin (an
+    ablation) run side by side under their own names::
+
+        names = ["tsdf", "tsdf-poison-only"]
+        [defenses.tsdf-poison-only]
+        plugin = "tsdf"
+        interruption = false
+        mask = false
+    """
+
     eps: float = 0.05
 
     def options_for(self, name: str) -> dict[str, Any]:
-        return {"eps": self.eps, **self.options.get(name, {})}
+        options = {"eps": self.eps, **self.options.get(name, {})}
+        options.pop("plugin", None)
+        return options
+
+    def plugin_for(self, name: str) -> str:
+        """The registered defense that ``name`` configures (``plugin = ...`` in its table, else itself)."""
+        plugin = self.options.get(name, {}).get("plugin", name)
+        if not isinstance(plugin, str) or not plugin:
+            raise ConfigError(f"[defenses.{name}] plugin must be a defense name (a string), got {plugin!r}")
+        return plugin
 
 
 @dataclass
@@ -330,7 +349,7 @@ def check_names(cfg: RunConfig, registry) -> None:
     """Every plugin name of the config must be registered (raises :class:`UnknownNameError`)."""
     for section, kind in PLUGIN_KIND.items():
         for name in getattr(cfg, section).names:
-            registry.get(kind, name)
+            registry.get(kind, cfg.defenses.plugin_for(name) if kind == "defense" else name)
     registry.get("detector", cfg.detectors.attacker)
     for name in cfg.detectors.white_box or ():
         registry.get("detector", name)

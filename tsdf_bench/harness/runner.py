@@ -199,8 +199,8 @@ class Runner:
     def provenance_base(self) -> dict:
         if self._provenance_base is None:
             cfg = self.cfg
-            used = {"defense": cfg.defenses.names, "model": cfg.models.names, "adaptation": cfg.adaptations.names,
-                    "metric": self.metric_names(),
+            used = {"defense": [cfg.defenses.plugin_for(d) for d in cfg.defenses.names], "model": cfg.models.names,
+                    "adaptation": cfg.adaptations.names, "metric": self.metric_names(),
                     "detector": list(dict.fromkeys([*cfg.detectors.names, cfg.detectors.attacker]))}
             self._provenance_base = {
                 "config_hash": cfg.hash, "run_name": cfg.run.name, "scale": cfg.run.scale,
@@ -300,7 +300,7 @@ class Runner:
             blob = torch.load(cache, map_location="cpu", weights_only=False)
             return Protected(blob["collect"], blob["eval"], blob["perturbation_sha256"], blob["timings"], blob["info"])
         data, cfg = self.data, self.cfg
-        defense = self.registry.create("defense", name, seed=seed, device=str(self.device),
+        defense = self.registry.create("defense", cfg.defenses.plugin_for(name), seed=seed, device=str(self.device),
                                        **cfg.defenses.options_for(name))
         models, model_problems = [], []
         for m in cfg.models.names:
@@ -344,7 +344,8 @@ class Runner:
                 self.log(f"could not save the perturbation of {name}: {exc}")
         else:
             digest = tensors_hash(protected["collect"] - data.collect.images, protected["eval"] - data.eval.images)
-        info = {"fit_models": [m.name for m in models], "fit_detectors": [getattr(d, "name", "?") for d in detectors],
+        info = {"defense_plugin": cfg.defenses.plugin_for(name), "fit_models": [m.name for m in models],
+                "fit_detectors": [getattr(d, "name", "?") for d in detectors],
                 "fit_problems": model_problems}
         result = Protected(protected["collect"], protected["eval"], digest,
                            {"fit_s": t1 - t0, "protect_s": t2 - t1}, info)
@@ -620,9 +621,10 @@ SECTION_OF = {"defense": "defenses", "adaptation": "adaptations", "metric": "met
               "detector": "detectors"}
 
 
-def create_checked(registry, kind: str, name: str, options: dict, **extra):
-    """``registry.create`` that turns a misspelt option into a :class:`ConfigError` naming the table,
-    the bad key, the closest valid one and the valid ones (read from the plugin's signature)."""
+def create_checked(registry, kind: str, name: str, options: dict, table: str | None = None, **extra):
+    """``registry.create`` that turns a misspelt option into a :class:`ConfigError` naming the table
+    (``table``, default ``name``), the bad key, the closest valid one and the valid ones (read from
+    the plugin's signature)."""
     try:
         return registry.create(kind, name, **extra, **options)
     except TypeError as exc:
@@ -635,14 +637,15 @@ def create_checked(registry, kind: str, name: str, options: dict, **extra):
         if valid:
             close = difflib.get_close_matches(bad, sorted(valid), n=1, cutoff=0.4)
             hint = (f" Did you mean {close[0]!r}?" if close else "") + f" Valid options: {', '.join(sorted(valid))}."
-        raise ConfigError(f"[{SECTION_OF[kind]}.{name}]: {kind} {name!r} has no option {bad!r}.{hint}") from exc
+        raise ConfigError(f"[{SECTION_OF[kind]}.{table or name}]: {kind} {name!r} has no option {bad!r}.{hint}") from exc
 
 
 def check_options(cfg: RunConfig, registry) -> None:
     """Create every defense, adaptation and metric once (cheap; models and detectors are not built),
     so a misspelt plugin option fails before any work starts."""
     for name in cfg.defenses.names:
-        create_checked(registry, "defense", name, cfg.defenses.options_for(name), seed=0, device="cpu")
+        create_checked(registry, "defense", cfg.defenses.plugin_for(name), cfg.defenses.options_for(name), table=name,
+                       seed=0, device="cpu")
     for name in cfg.adaptations.names:
         create_checked(registry, "adaptation", name, cfg.adaptations.options_for(name))
     for name in cfg.metrics.names:
