@@ -58,12 +58,17 @@ def test_generate_all_is_one_batched_forward_equal_to_the_loop():
     assert model.encode(x).shape == (3, 32, 8, 8)
 
 
-def test_losses_have_the_official_terms_and_train_both_nets():
+def _smoke_batch():
+    """A seeded smoke StarGAN, its discriminator, 4 images and random attributes."""
     torch.manual_seed(0)
     model = StarGAN(scale="smoke")
     d = model.make_discriminator()
     x = torch.rand(4, 3, 32, 32) * 2 - 1
-    attrs = (torch.rand(4, 5) > 0.5).float()
+    return model, d, x, (torch.rand(4, 5) > 0.5).float()
+
+
+def test_losses_have_the_official_terms_and_train_both_nets():
+    model, d, x, attrs = _smoke_batch()
     d_terms = model.losses(d, x, attrs, part="d")
     assert set(d_terms) == {"d_real", "d_fake", "d_cls", "d_gp"}
     sum(d_terms.values()).backward()
@@ -100,11 +105,7 @@ def test_demo_upsamples_with_nearest_and_conv_paper_keeps_transposed_convs():
 
 
 def test_reconstruction_term_and_lazy_gradient_penalty():
-    torch.manual_seed(0)
-    model = StarGAN(scale="smoke")
-    d = model.make_discriminator()
-    x = torch.rand(4, 3, 32, 32) * 2 - 1
-    attrs = (torch.rand(4, 5) > 0.5).float()
+    model, d, x, attrs = _smoke_batch()
     rec = model.reconstruction_loss(x, attrs)
     expected = model.lambda_rec * (model.generate(x, attrs) - x).abs().mean()
     assert set(rec) == {"g_rec_id"} and torch.allclose(rec["g_rec_id"], expected)

@@ -505,10 +505,10 @@ class Runner:
                     model_attrs = select_attrs(attrs, self.data.attr_names, current.attributes,
                                                f"model {current.name!r}")
                     before = state.hash
-                    extra = {}
+                    extra, d_net = {}, None
                     if k == 1:
                         self.model(cell.model)  # (in a fresh worker process: loads the trained D too)
-                    d_net = self._discriminators.get(cell.model) if k == 1 else None
+                        d_net = self._discriminators.get(cell.model)
                     if d_net is not None and "discriminator" in inspect.signature(adaptation.adapt).parameters:
                         extra["discriminator"] = d_net.to(self.device)
                     new = adaptation.adapt(current, crops.to(self.device), model_attrs.to(self.device),

@@ -94,6 +94,17 @@ def recipe_for(name: str, scale: str, steps: int | None = None) -> dict:
     return recipe
 
 
+def recipe_of(model, scale: str, steps: int | None = None, name: str | None = None) -> dict:
+    """:func:`recipe_for` ``name`` (default: the model's), with the plugin's own ``demo_recipe``
+    at demo scale."""
+    recipe = recipe_for(name or model.name, scale)
+    if scale == "demo" and getattr(model, "demo_recipe", None):
+        recipe.update(model.demo_recipe)  # a plugin may ship its own demo schedule
+    if steps is not None:
+        recipe["steps"] = int(steps)
+    return recipe
+
+
 def select_attributes(attrs: torch.Tensor, attr_names, wanted) -> torch.Tensor:
     """Columns of ``attrs`` for the names ``wanted`` (a clear error names the missing ones)."""
     attr_names = list(attr_names)
@@ -143,11 +154,7 @@ def get_model(name: str, scale: str = "demo", registry=None, train_data=None, st
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
         torch.manual_seed(seed)
         model = registry.create("model", name, scale=scale)
-    recipe = recipe_for(name, scale, None)
-    if scale == "demo" and getattr(model, "demo_recipe", None):
-        recipe.update(model.demo_recipe)  # a plugin may ship its own demo schedule
-    if steps is not None:
-        recipe["steps"] = int(steps)
+    recipe = recipe_of(model, scale, steps, name)
     images, attrs, attr_names = _unpack(train_data if train_data is not None else default_data())
     images = prepare_images(images, model.image_size)
     attrs = select_attributes(torch.as_tensor(attrs), attr_names, model.attributes)

@@ -94,7 +94,6 @@ class RetrainAdaptation(Adaptation):
             return int(self.reg_every)
         if getattr(model, "scale", None) != "demo":
             return 1
-        from tsdf_bench.models.zoo import recipe_for
+        from tsdf_bench.models.zoo import recipe_of
 
-        recipe = {**recipe_for(model.name, "demo"), **(getattr(model, "demo_recipe", None) or {})}
-        return int(recipe.get("reg_every", 1))
+        return int(recipe_of(model, "demo").get("reg_every", 1))

@@ -100,16 +100,27 @@ class CMUA(UniversalDefense):
         return self._w.detach()
 
     @torch.no_grad()
-    def _score(self, w, x, attrs) -> float:
-        """Mean over models of SR_mask of ``x + w`` (the search objective)."""
-        from tsdf_bench.metrics import edit_mask, l2_mask, sr_mask
+    def _clean_reference(self, x, attrs) -> list:
+        """Per model: the clean forgeries of ``x`` and their edit mask (what :meth:`_score` compares to)."""
+        from tsdf_bench.metrics import edit_mask
 
-        rates = []
+        out = []
         for m in self.models:
             clean = model_outputs(m, x, attrs, self.max_targets)
+            out.append((clean, edit_mask(clean, m.to_input_size(x))))
+        return out
+
+    @torch.no_grad()
+    def _score(self, w, x, attrs, reference: list | None = None) -> float:
+        """Mean over models of SR_mask of ``x + w`` (the search objective); ``reference`` from
+        :meth:`_clean_reference` (computed here when not given)."""
+        from tsdf_bench.metrics import l2_mask, sr_mask
+
+        reference = reference or self._clean_reference(x, attrs)
+        rates = []
+        for m, (clean, mask) in zip(self.models, reference):
             protected = model_outputs(m, (x + w).clamp(-1, 1), attrs, self.max_targets)
-            rate = sr_mask(l2_mask(protected, clean, edit_mask(clean, m.to_input_size(x))))
-            rates.append(rate or 0.0)
+            rates.append(sr_mask(l2_mask(protected, clean, mask)) or 0.0)
         return sum(rates) / len(rates)
 
     def _search_factors(self, images, attrs, x) -> dict:
@@ -123,11 +134,12 @@ class CMUA(UniversalDefense):
         x_val, a_val = images[sl], slice_attrs(attrs, sl)
         a_fit = slice_attrs(attrs, slice(0, x.shape[0]))
         low, high = self.search_range
+        reference = self._clean_reference(x_val, a_val)  # the same for every trial
 
         def objective(trial):
             factors = {m.name: float(self.factors[m.name]) if m.name in self.factors
                        else trial.suggest_float(m.name, low, high) for m in self.models}
-            return self._score(self._fit_with(x, a_fit, factors), x_val, a_val)
+            return self._score(self._fit_with(x, a_fit, factors), x_val, a_val, reference)
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=self.seed))
