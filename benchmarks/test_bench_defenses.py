@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import compare, peak_memory, sync
+from measure import compare, peak_memory, sync
 from tsdf_bench import speed
 from tsdf_bench.harness.data import select_attrs
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compare, flops_of, peak_memory, throughput
+from measure import compare, flops_of, peak_memory, throughput
 from tsdf_bench import speed
 from tsdf_bench.defenses.attack_utils import model_outputs
 from tsdf_bench.harness.data import select_attrs

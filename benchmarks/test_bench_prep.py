@@ -2,7 +2,7 @@
 RetinaFace, on 8 embedded photos at 128 px."""
 import pytest
 
-from conftest import peak_memory
+from measure import peak_memory
 from tsdf_bench.prep import DataPreparation
 
 

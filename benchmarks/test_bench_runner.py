@@ -2,7 +2,7 @@
 clean detections (MTCNN) that a grid of cells needs, computed once and shared (optimised) or
 once per cell (straightforward, ``speed.optimizations(False)``)."""
 
-from conftest import compare
+from measure import compare
 from tsdf_bench import speed
 from tsdf_bench.config import from_dict
 from tsdf_bench.harness.data import RunData, Split

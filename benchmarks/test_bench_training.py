@@ -2,7 +2,7 @@
 with ``n_critic=1``, one G update) of the demo StarGAN on 8 crops, batch 8."""
 import copy
 
-from conftest import peak_memory
+from measure import peak_memory
 from tsdf_bench.harness.data import select_attrs
 from tsdf_bench.models.training import train
 

@@ -250,7 +250,7 @@ class Runner:
                               d.attr_names)
             self.log(f"loading model {name} ({cfg.run.scale} scale; trained on first use)")
             model = get_model(name, scale=cfg.run.scale, registry=self.registry, train_data=train_data,
-                              progress=self.progress, **options)
+                              progress=self.progress, device=self.device, **options)
             # the attacker trained this model, so it also has its discriminator for retraining
             from ..models.checkpoints import load_discriminator
             from ..models.zoo import model_path

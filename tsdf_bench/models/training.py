@@ -36,6 +36,12 @@ Resumable: with ``checkpoint_dir`` the full state (G, D, both optimisers, step, 
 history) is written atomically to ``checkpoint_dir/train_state.pt`` every ``checkpoint_every``
 steps, at the end and on Ctrl-C; a later call with ``resume=True`` continues from it and gives
 the same result as an uninterrupted run (CPU, same seed).
+
+Devices: training runs where the model's parameters are (a model moved to CUDA trains on CUDA);
+the discriminator is moved there, ``images``/``attrs`` stay where they are and each batch is
+moved on its own, and the per-step loss values stay on the device until the end (or a
+checkpoint), so the loop does not wait for the GPU at every step.  Training stays fp32: bf16
+autocast is used only in the attack loops (see :mod:`tsdf_bench.speed`).
 """
 from __future__ import annotations
 
@@ -205,6 +211,8 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
             torch.manual_seed(seed + 7919)
             discriminator = model.make_discriminator()
     warmup = int(warmup_d_steps) if fresh_d else 0
+    device = _device_of(model)
+    discriminator.to(device)
 
     g_params = _generator_params(model, lr_g)
     opt_g = _adam(g_params, lr_g, betas)
@@ -251,6 +259,7 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
         def snapshot():
             if state_path is None:
                 return
+            _settle(history)
             _atomic_save({"fingerprint": fingerprint, "G": model.state_dict(), "D": discriminator.state_dict(),
                           "opt_G": opt_g.state_dict(), "opt_D": opt_d.state_dict(), "rng": torch.get_rng_state(),
                           "sampler": sampler.get_state(), "order": order, "cursor": cursor, "done": done,
@@ -270,7 +279,7 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
             if augment:
                 flip = torch.rand(len(idx), generator=sampler) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            return x, a
+            return x.to(device, non_blocking=True), a.to(device, non_blocking=True)
 
         def clip(params):
             if grad_clip_norm:
@@ -323,26 +332,27 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
             while done < total:
                 x, a = next_batch()
                 if done < recon_warmup:
-                    row = {"step": done - pre, "part": "recon", **_floats(recon_step(x, a))}
+                    row = {"step": done - pre, "part": "recon", **_detached(recon_step(x, a))}
                 elif done < pre:
                     flags = [p.requires_grad for p in model.parameters()]
                     _set_requires_grad(model, False)
                     try:
-                        row = {"step": done - pre, "part": "warmup", **_floats(d_step(x, a))}
+                        row = {"step": done - pre, "part": "warmup", **_detached(d_step(x, a))}
                     finally:
                         for p, flag in zip(model.parameters(), flags):
                             p.requires_grad_(flag)
                 else:
                     it = done - pre
-                    row = {"step": it, "part": "d", **_floats(d_step(x, a, it))}
+                    row = {"step": it, "part": "d", **_detached(d_step(x, a, it))}
                     if (it + 1) % n_critic == 0:
                         history.append(row)
-                        row = {"step": it, "part": "g", **_floats(g_step(x, a))}
+                        row = {"step": it, "part": "g", **_detached(g_step(x, a))}
                 history.append(row)
                 done += 1
                 bar.update(1)
                 if progress and done % 10 == 0:
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "part")}, refresh=False)
+                    bar.set_postfix({k: f"{float(v):.3g}" for k, v in row.items() if k not in ("step", "part")},
+                                    refresh=False)
                 if state_path is not None and checkpoint_every and done % checkpoint_every == 0:
                     snapshot()
         except KeyboardInterrupt:
@@ -352,10 +362,26 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
             bar.close()
             _set_requires_grad(discriminator, True)
         snapshot()
+    _settle(history)
     model.eval()
     discriminator.eval()
     return TrainResult(model, discriminator, history, steps=max(0, done - pre))
 
 
-def _floats(terms: dict) -> dict:
-    return {k: float(v.detach()) for k, v in terms.items()}
+def _detached(terms: dict) -> dict:
+    """The loss terms, detached (still on the device: :func:`_settle` turns them into floats)."""
+    return {k: v.detach() for k, v in terms.items()}
+
+
+def _settle(history: list) -> None:
+    """Turn the tensor values of ``history``'s rows into floats, in place (one host transfer)."""
+    pending = [(row, k) for row in history for k, v in row.items() if torch.is_tensor(v)]
+    if pending:
+        values = torch.stack([row[k].float().reshape(()) for row, k in pending]).cpu().tolist()
+        for (row, k), value in zip(pending, values):
+            row[k] = value
+
+
+def _device_of(model) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")

@@ -138,14 +138,16 @@ def model_path(name: str, scale: str, seed: int = 0) -> Path:
 
 
 def get_model(name: str, scale: str = "demo", registry=None, train_data=None, steps: int | None = None,
-              seed: int = 0, progress: bool = True, retrain: bool = False, grid: bool = True):
+              seed: int = 0, progress: bool = True, retrain: bool = False, grid: bool = True, device=None):
     """A trained ``name`` model at ``scale`` ("demo" or "smoke"), in eval mode.
 
     Loads ``cache_dir("models", scale)/<name>-seed<seed>.pt`` when its manifest matches
     (same config, data hash, steps and seed); otherwise trains it on ``train_data`` (default: the
     embedded training faces) with :data:`DEMO_RECIPES`, resuming an interrupted run, writes the
     checkpoint, manifest and (``grid=True``) an edit grid PNG beside it.  The trained
-    discriminator is kept in the checkpoint (``checkpoints.load_discriminator``).
+    discriminator is kept in the checkpoint (``checkpoints.load_discriminator``).  ``device``: where
+    to train (default CPU); the model is returned on the CPU either way, and the manifest records
+    the device (a checkpoint trained on either is reused on both: the device is not a cache key).
     """
     if registry is None:
         from ..plugins import get_registry
@@ -169,10 +171,14 @@ def get_model(name: str, scale: str = "demo", registry=None, train_data=None, st
             model.eval()
             return model
     kwargs = {k: v for k, v in recipe.items() if k != "steps"}
+    train_device = torch.device(device) if device is not None else torch.device("cpu")
     start = time.time()
-    result = train(model, images, attrs, recipe["steps"], seed=seed, progress=progress,
+    result = train(model.to(train_device), images, attrs, recipe["steps"], seed=seed, progress=progress,
                    checkpoint_dir=path.with_suffix(".train"), resume=not retrain, **kwargs)
+    model.cpu()
+    result.discriminator.cpu()
     expect.update(train_seconds=round(time.time() - start, 1), torch_threads=torch.get_num_threads(),
+                  train_device=str(train_device),
                   final_losses={k: v for k, v in result.history[-1].items() if k not in ("step", "part")}
                   if result.history else {})
     checkpoints.save_model(model, path, result.discriminator, manifest=expect)
