@@ -100,3 +100,40 @@ def test_smoke_run_on_cuda_matches_the_cpu_rows_within_tolerance(tmp_path):
         assert gpu["linf"] == pytest.approx(cpu["linf"], rel=1e-4)
         assert gpu["psnr_in"] == pytest.approx(cpu["psnr_in"], rel=1e-3)
         assert gpu["det_recall_mtcnn"] == pytest.approx(cpu["det_recall_mtcnn"], abs=0.25)
+
+
+@pytest.mark.parametrize("name, options, loop", [
+    ("cmua", {"batch_size": 4, "max_images": 4}, "iterations"),
+    ("found", {"max_images": 4, "feature_steps": 1}, "passes"),
+    ("tsdf", {"max_images": 4, "feature_steps": 1, "poisoning": False}, "passes"),
+    ("pgd", {"max_targets": 2}, "iterations"),
+])
+def test_attack_loops_never_wait_for_the_gpu(name, options, loop):
+    """Issue 6: no host-device synchronisation inside the attack loops.  With the sync debug mode
+    on, torch warns at every synchronising call; doubling the loop count must not add any (the
+    few after the loop -- the loss history, provenance -- are allowed)."""
+    import warnings
+
+    from tsdf_bench.harness.data import select_attrs
+    from tsdf_bench.plugins import get_registry
+
+    reg = get_registry()
+    models = [reg.create("model", n, scale="smoke").cuda().eval() for n in ("stargan", "attgan")]
+    images, attrs, names = smoke_faces(4)
+    images = images.cuda()
+    attr_map = {m.name: select_attrs(attrs, names, m.attributes, m.name).cuda() for m in models}
+
+    def syncs(count: int) -> int:
+        defense = reg.create("defense", name, seed=0, device="cuda", **options, **{loop: count})
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                defense.fit(images, attr_map, models, [])
+                defense.protect(images, attr_map)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert syncs(4) == syncs(2)
