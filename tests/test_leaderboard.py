@@ -166,6 +166,9 @@ def test_superseded_rows_keep_the_newest():
     new = _row("m", "d", "retrain", 0, 0, 0.9)
     s = summarize([old, new])
     assert s["superseded"] == 1 and _rec(s, "m", "d")["sr_mask@0"]["mean"] == 0.9
+    # the JSON holds what the tables use: the newest row of the cell only
+    js = json.loads(render([old, new], "json"))
+    assert [r["sr_mask"] for r in js] == [0.9] and js[0]["run_id"] != "old"
 
 
 def test_command_reads_store_and_renders(tmp_path):

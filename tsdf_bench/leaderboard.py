@@ -421,7 +421,7 @@ def _render_csv(summary, header) -> str:
 
 
 def _render_json(rows, header) -> str:
-    flat = flat_rows(rows)
+    flat = flat_rows(_dedupe(rows)[0])  # the rows the tables use: a superseded row stays in the results store
     if header.get("note"):
         for row in flat:
             row.setdefault("note", header["note"])
@@ -434,7 +434,8 @@ def render(rows: Iterable[dict], fmt: str = "markdown", header: dict | None = No
     ``header``: ``scale``, ``data``, ``config_hash`` (and optionally ``title``, ``note``, ``runs``);
     None derives it from the rows' provenance.  When the scale is not ``"paper"`` the note
     "demo-scale numbers, not the paper's" is added.  JSON is :func:`flat_rows` (one object per
-    raw row, each carrying the note); the other formats show :func:`summarize`'s tables.
+    row the tables use, each carrying the note: a row superseded by a newer run of the same cell
+    is left out, as in the tables); the other formats show :func:`summarize`'s tables.
     """
     if fmt not in FORMATS:
         raise TsdfBenchError(f"unknown leaderboard format {fmt!r}; choose one of {', '.join(FORMATS)}")
