@@ -96,20 +96,31 @@ def test_ssim_uses_small_window_and_drops_with_noise():
     assert (noisy < 0.9).all()
 
 
-def test_psnr_and_ssim_match_scikit_image():
+@pytest.mark.parametrize("win_size", [3, 5])
+def test_psnr_and_ssim_match_scikit_image(win_size):
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     torch.manual_seed(1)
     a = torch.rand(3, 2, 3, 12, 10) * 2 - 1
     b = (a + 0.3 * torch.randn_like(a)).clamp(-1, 1)
-    ours_ssim, ours_psnr = ssim_pairs(b, a), psnr_pairs(b, a)
+    b[0, 0] = a[0, 0]  # one identical pair: SSIM exactly 1
+    ours_ssim, ours_psnr = ssim_pairs(b, a, win_size), psnr_pairs(b, a)
     ua, ub = ((a.double() + 1) / 2).reshape(6, 3, 12, 10), ((b.double() + 1) / 2).reshape(6, 3, 12, 10)
+    other = 5 if win_size == 3 else 3
     for i in range(6):
         x, y = ub[i].permute(1, 2, 0).numpy(), ua[i].permute(1, 2, 0).numpy()
-        assert ours_ssim[i] == pytest.approx(structural_similarity(x, y, win_size=3, data_range=1.0, channel_axis=-1),
-                                             abs=1e-12)
-        assert ours_ssim[i] != pytest.approx(structural_similarity(x, y, win_size=5, data_range=1.0, channel_axis=-1))
-        assert ours_psnr[i] == pytest.approx(peak_signal_noise_ratio(y, x, data_range=1.0), abs=1e-9)
+        expect = structural_similarity(x, y, win_size=win_size, data_range=1.0, channel_axis=-1)
+        assert ours_ssim[i] == pytest.approx(expect, abs=1e-12)
+        if i:
+            assert ours_ssim[i] != pytest.approx(structural_similarity(x, y, win_size=other, data_range=1.0,
+                                                                       channel_axis=-1))
+            assert ours_psnr[i] == pytest.approx(peak_signal_noise_ratio(y, x, data_range=1.0), abs=1e-9)
+    assert ours_ssim[0] == pytest.approx(1.0, abs=1e-12) and ours_psnr[0] == PSNR_MAX_DB  # skimage: inf
+
+
+def test_ssim_refuses_images_smaller_than_its_window():
+    with pytest.raises(TsdfBenchError, match="smaller than the SSIM window"):
+        ssim_pairs(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2))
 
 
 def test_invisibility_known_perturbation():
