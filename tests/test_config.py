@@ -108,7 +108,8 @@ def test_resolved_toml_round_trips(tmp_path):
     assert again.to_dict() == cfg.to_dict()
 
 
-@pytest.mark.parametrize("name", ["demo.toml", "paper.toml", "smoke.toml", "tsdf-ablation.toml"])
+@pytest.mark.parametrize("name", ["demo.toml", "paper.toml", "smoke.toml", "tsdf-ablation.toml",
+                                  "poison-retinaface.toml"])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(ROOT / "configs" / name)
     from tsdf_bench.harness.runner import check_options
@@ -116,10 +117,13 @@ def test_shipped_configs_are_valid(name):
 
     check_names(cfg, get_registry())
     check_options(cfg, get_registry())  # every option of every table is one its plugin takes
-    assert cfg.run.scale == name.split(".")[0] or name == "tsdf-ablation.toml"
+    assert cfg.run.scale == name.split(".")[0] or name in ("tsdf-ablation.toml", "poison-retinaface.toml")
     if name == "tsdf-ablation.toml":
         assert {cfg.defenses.plugin_for(d) for d in cfg.defenses.names} == {"tsdf"}
         assert "plugin" not in cfg.defenses.options_for("tsdf-poison-only")
+    if name == "poison-retinaface.toml":  # the poisons attack the attacker's own detector, and only it
+        assert cfg.detectors.attacker == "retinaface" and cfg.white_box_detectors({}) == ["retinaface"]
+        assert cfg.defenses.options_for("tsdf-poison-only")["mask"] is False
     if name == "demo.toml":
         assert cfg.defenses.names == ["tsdf", "cmua", "found", "pgd", "facepoison", "noise", "none"]
         assert cfg.models.names == ["stargan", "attentiongan", "attgan", "hisd"]
