@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from measure import PEAK_BF16_FLOPS, flops_of, sync, throughput  # noqa: E402
+from measure import PEAK_BF16_FLOPS, flops_of, seconds as measure_seconds, sync, throughput  # noqa: E402
 from test_bench_grid import GRIDS, max_rel_diff, reduced  # noqa: E402
 
 MODELS = ("stargan", "attentiongan", "attgan", "hisd")
@@ -89,18 +88,6 @@ def run_tests(quick: bool) -> dict:
                           cwd=ROOT, capture_output=True, text=True, timeout=60 if quick else 600)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
     return {"returncode": proc.returncode, "summary": tail[-1] if tail else "", "tail": tail}
-
-
-def _median_seconds(fn, device, repeat: int) -> float:
-    fn()  # warm-up (cuDNN autotuning, allocator)
-    sync(device)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def attack_step(registry, device, quick: bool) -> dict:
@@ -144,7 +131,7 @@ def _attack_step_of(model, faces, batch: int, repeat: int, device) -> dict:
             (grad,) = torch.autograd.grad(loss, adv)
             return grad
 
-        seconds = _median_seconds(step, device, repeat)
+        seconds = measure_seconds(step, device, repeat)  # after one warm-up (cuDNN autotuning)
         grads[label] = step().float()
         per_model[label] = {"ms": round(seconds * 1e3, 3), **throughput(flops_of(step), seconds, device)}
     model.to(memory_format=torch.contiguous_format)
