@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in two steps (README: "Checking the CUDA path").
 #
-#   bash benchmarks/cuda_check.sh bundle        # here, with pip access: wheels into .devbundle/ (git-ignored)
+#   bash benchmarks/cuda_check.sh bundle        # here, with pip access: wheels (and trained demo models,
+#                                               # if cached here) into .devbundle/ (git-ignored)
 #   bash benchmarks/cuda_check.sh run OUTDIR    # on the GPU machine (torch there, no internet), .devbundle/ carried
 #
 # The GPU machine's image has torch, numpy, scikit-image, pluggy, tabulate, onnx, opencv and pytest;
@@ -20,7 +21,16 @@ case "${1:-}" in
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "${DEVICE_PYTHON:-3.12}" \
       --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
       -d .devbundle "${NO_DEPS[@]}"
-    ls -l .devbundle
+    # the demo models the grid section needs, when trained here already: carried along, they are
+    # reused there if the embedded faces hash the same (else the grid trains them on the GPU)
+    cache=${TSDF_BENCH_CACHE:-.tsdf-cache}/models/demo
+    for name in stargan attgan; do
+      if [ -f "$cache/$name-seed0.pt" ] && [ -f "$cache/$name-seed0.pt.json" ]; then
+        mkdir -p .devbundle/cache/models/demo
+        cp "$cache/$name-seed0.pt" "$cache/$name-seed0.pt.json" .devbundle/cache/models/demo/
+      fi
+    done
+    ls -lR .devbundle
     ;;
   run)
     out=${2:?give the output folder: bash benchmarks/cuda_check.sh run OUTDIR [cuda_check.py options]}
@@ -31,6 +41,10 @@ case "${1:-}" in
     "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$site" .
     rm -rf build
     mkdir -p "$out"
+    if [ -d .devbundle/cache ]; then
+      export TSDF_BENCH_CACHE=${TSDF_BENCH_CACHE:-/tmp/cuda_check_cache}
+      mkdir -p "$TSDF_BENCH_CACHE" && cp -r .devbundle/cache/. "$TSDF_BENCH_CACHE/"
+    fi
     PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
       "$PY" benchmarks/cuda_check.py --out "$out" "$@" 2>&1 | tee "$out/cuda_check.log"
     ;;
