@@ -176,13 +176,19 @@ def _timings(row) -> dict:
 
 
 def grid(registry, device, quick: bool, out_dir: Path) -> dict:
-    from tsdf_bench.harness import run_config
     from tsdf_bench.config import load_config
+    from tsdf_bench.harness import run_config
+    from tsdf_bench.models.checkpoints import read_manifest
+    from tsdf_bench.models.zoo import get_model, model_path
 
     key = "smoke" if quick else "demo-reduced"
     path, overrides = GRIDS[key]
     cfg = reduced(load_config(ROOT / path), overrides).replace(run__publish="", run__device=device.type)
     result = {"grid": key}
+    t0 = time.perf_counter()
+    for name in cfg.models.names:  # trained (or loaded) before the timings, as in test_bench_grid
+        get_model(name, scale=cfg.run.scale, registry=registry, progress=False, device=device)
+    result["model_load_or_train_s"] = round(time.perf_counter() - t0, 2)
     rows = {}
     for tag, optimize in (("off", False), ("on", True)):
         t0 = time.perf_counter()
@@ -198,9 +204,6 @@ def grid(registry, device, quick: bool, out_dir: Path) -> dict:
     result["speedup"] = round(result["off_s"] / result["on_s"], 3)
     result["cells"] = len(rows["on"])
     result["max_rel_diff_on_off"] = max_rel_diff(rows["on"], rows["off"])
-    from tsdf_bench.models.checkpoints import read_manifest
-    from tsdf_bench.models.zoo import model_path
-
     result["model_training"] = {}
     for name in cfg.models.names:
         manifest = read_manifest(model_path(name, cfg.run.scale))
