@@ -51,7 +51,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from measure import PEAK_BF16_FLOPS, flops_of, seconds as measure_seconds, sync, throughput  # noqa: E402
-from test_bench_grid import GRIDS, max_rel_diff, reduced  # noqa: E402
+from test_bench_grid import grid_config, max_rel_diff, prepare_models, timed_run  # noqa: E402
 
 MODELS = ("stargan", "attentiongan", "attgan", "hisd")
 VARIANTS = (("loop_fp32_nchw", False, False, False), ("batched_fp32_nchw", True, False, False),
@@ -170,36 +170,22 @@ def fit_tsdf(registry, device, quick: bool) -> dict:
             "note": "generators with their initial weights: a timing, not a defense result"}
 
 
-def _timings(row) -> dict:
-    t = row.get("timings") or {}
-    return json.loads(t) if isinstance(t, str) else t
-
-
 def grid(registry, device, quick: bool, out_dir: Path) -> dict:
-    from tsdf_bench.config import load_config
-    from tsdf_bench.harness import run_config
     from tsdf_bench.models.checkpoints import read_manifest
-    from tsdf_bench.models.zoo import get_model, model_path
+    from tsdf_bench.models.zoo import model_path
 
     key = "smoke" if quick else "demo-reduced"
-    path, overrides = GRIDS[key]
-    cfg = reduced(load_config(ROOT / path), overrides).replace(run__publish="", run__device=device.type)
-    result = {"grid": key}
-    t0 = time.perf_counter()
-    for name in cfg.models.names:  # trained (or loaded) before the timings, as in test_bench_grid
-        get_model(name, scale=cfg.run.scale, registry=registry, progress=False, device=device)
-    result["model_load_or_train_s"] = round(time.perf_counter() - t0, 2)
+    cfg = grid_config(key, device.type)
+    result = {"grid": key, "model_load_or_train_s": round(prepare_models(cfg, registry, device), 2)}
     rows = {}
     for tag, optimize in (("off", False), ("on", True)):
-        t0 = time.perf_counter()
-        out = run_config(cfg.replace(run__optimize=optimize), registry, output=out_dir / f"grid-{tag}",
-                         progress=False, log=lambda m: None, figures=False)
-        result[f"{tag}_s"] = round(time.perf_counter() - t0, 2)
+        seconds, out = timed_run(cfg, registry, out_dir / f"grid-{tag}", optimize=optimize)
+        result[f"{tag}_s"] = round(seconds, 2)
         errors = [r["error"] for r in out.rows if r.get("status") != "ok"]
         if errors:
             result[f"{tag}_errors"] = errors[:3]
         rows[tag] = out.rows
-        fits = {r["defense"]: _timings(r).get("fit_s") for r in out.rows}
+        fits = {r["defense"]: r["timings"].get("fit_s") for r in out.rows}
         result[f"{tag}_fit_s"] = {k: round(v, 2) for k, v in fits.items() if v}
     result["speedup"] = round(result["off_s"] / result["on_s"], 3)
     result["cells"] = len(rows["on"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,23 +66,42 @@ def reduced(cfg, overrides: dict):
     return from_dict(_unresolve(data), source=cfg.source)
 
 
-def test_grid_end_to_end(benchmark, registry, tmp_path):
-    pytest.importorskip("ray")
-    path, overrides = GRIDS[os.environ.get("TSDF_BENCH_GRID", "smoke")]
-    cfg = reduced(load_config(path), overrides).replace(run__publish="", run__device="cpu")
+def grid_config(name: str, device: str = "cpu"):
+    """The ``GRIDS[name]`` config on ``device``, publishing nothing."""
+    path, overrides = GRIDS[name]
+    root = Path(__file__).resolve().parents[1]
+    return reduced(load_config(root / path), overrides).replace(run__publish="", run__device=device)
+
+
+def prepare_models(cfg, registry, device=None) -> float:
+    """Train (or load) the grid's demo models before any timing; returns the seconds it took."""
     from tsdf_bench.models.zoo import get_model
 
-    for name in cfg.models.names:  # train once, outside the timings
-        get_model(name, scale=cfg.run.scale, registry=registry, progress=False)
+    t0 = time.perf_counter()
+    for name in cfg.models.names:
+        get_model(name, scale=cfg.run.scale, registry=registry, progress=False, device=device)
+    return time.perf_counter() - t0
+
+
+def timed_run(cfg, registry, output, optimize: bool = True, **kw):
+    """``(seconds, RunOutputs)`` of one run of ``cfg`` with the optimisation switch at ``optimize``."""
+    t0 = time.perf_counter()
+    out = run_config(cfg.replace(run__optimize=optimize), registry, output=output, progress=False,
+                     log=lambda m: None, figures=False, **kw)
+    return time.perf_counter() - t0, out
+
+
+def test_grid_end_to_end(benchmark, registry, tmp_path):
+    pytest.importorskip("ray")
+    cfg = grid_config(os.environ.get("TSDF_BENCH_GRID", "smoke"))
+    prepare_models(cfg, registry)  # train once, outside the timings
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
         def run(tag, **kw):
-            t0 = time.perf_counter()
-            out = run_config(cfg.replace(run__optimize=kw.pop("optimize", True)), registry,
-                             output=tmp_path / tag, progress=False, log=lambda m: None, figures=False, **kw)
+            seconds, out = timed_run(cfg, registry, tmp_path / tag, **kw)
             assert not out.summary.errors, out.summary.errors[:3]
-            return time.perf_counter() - t0, out.rows
+            return seconds, out.rows
 
         off_s, off_rows = run("off", optimize=False)
         result = {}
