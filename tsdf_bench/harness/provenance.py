@@ -54,14 +54,15 @@ def versions(registry=None, used: dict[str, list[str]] | None = None) -> dict[st
 
 def git_state(path: str | None = None) -> dict:
     """``{"git_commit": sha or None, "git_dirty": bool or None}`` of the tree holding ``path``
-    (default: this package's tree).  Dirty = tracked files differ from the commit."""
+    (default: this package's tree).  Dirty = tracked files differ from the commit, or files git
+    does not ignore are untracked (a new config or plugin the commit lacks)."""
     where = Path(path) if path else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
                                 timeout=10)
         if commit.returncode != 0:
             return {"git_commit": None, "git_dirty": None}
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=where,
                                 capture_output=True, text=True, timeout=30)
         dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
         return {"git_commit": commit.stdout.strip(), "git_dirty": dirty}
