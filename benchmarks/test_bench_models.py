@@ -6,7 +6,12 @@ The straightforward counterpart is the per-target loop (one generator call per t
 batched ``generate_all`` (on CUDA also bf16 autocast and channels_last).  ``extra_info`` also
 has the step's FLOPs, the achieved TFLOP/s and, on a GPU with a known bf16 peak, the fraction of
 that peak.
+
+``test_channels_last_*`` compare the two memory layouts alone (same device, same precision, batched
+targets): the evidence behind applying channels_last on CUDA only (:func:`tsdf_bench.speed.channels_last`).
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,3 +74,16 @@ def test_attack_step_demo(benchmark, registry, faces, device, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_attack_step_paper(benchmark, registry, faces, device, name):
     _bench(benchmark, registry, faces, device, name, "paper", 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_channels_last_attack_step_demo(benchmark, registry, faces, device, name):
+    """Demo-scale attack step with channels_last weights and input vs the default layout;
+    ``speedup`` > 1 means channels_last is faster on this device."""
+    model = registry.create("model", name, scale="demo").to(device).eval()
+    x = model.to_input_size(faces.images[:4]).to(device)
+    attrs = select_attrs(faces.attrs[:4], faces.attr_names, model.attributes, name).to(device)
+    nhwc_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    nhwc = attack_step_fn(nhwc_model, x.contiguous(memory_format=torch.channels_last), attrs, device)
+    compare(benchmark, nhwc, attack_step_fn(model, x, attrs, device), device,
+            compared="channels_last vs contiguous", batch=4, image_size=model.image_size, on=str(device))
