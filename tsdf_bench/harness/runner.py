@@ -300,7 +300,8 @@ class Runner:
             blob = torch.load(cache, map_location="cpu", weights_only=False)
             return Protected(blob["collect"], blob["eval"], blob["perturbation_sha256"], blob["timings"], blob["info"])
         data, cfg = self.data, self.cfg
-        defense = self.registry.create("defense", cfg.defenses.plugin_for(name), seed=seed, device=str(self.device),
+        plugin = cfg.defenses.plugin_for(name)
+        defense = self.registry.create("defense", plugin, seed=seed, device=str(self.device),
                                        **cfg.defenses.options_for(name))
         models, model_problems = [], []
         for m in cfg.models.names:
@@ -344,7 +345,7 @@ class Runner:
                 self.log(f"could not save the perturbation of {name}: {exc}")
         else:
             digest = tensors_hash(protected["collect"] - data.collect.images, protected["eval"] - data.eval.images)
-        info = {"defense_plugin": cfg.defenses.plugin_for(name), "fit_models": [m.name for m in models],
+        info = {"defense_plugin": plugin, "fit_models": [m.name for m in models],
                 "fit_detectors": [getattr(d, "name", "?") for d in detectors],
                 "fit_problems": model_problems}
         result = Protected(protected["collect"], protected["eval"], digest,
