@@ -6,7 +6,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 
 # One intra-op thread for the whole suite: the test models are tiny, and on a 2-core machine
 # two threads thrash (measured 20-40x slower for small convolutions under load).
