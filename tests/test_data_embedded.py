@@ -42,15 +42,24 @@ def test_same_seed_same_tensors_other_seed_differs():
     assert not torch.equal(a.train.images, c.train.images) and a.data_hash != c.data_hash
 
 
-def test_train_and_eval_are_disjoint():
-    data = load_embedded(**SMALL, use_cache=False)
+@pytest.mark.skipif(not HAS_INSIGHTFACE, reason="the collect/eval persons ship in insightface (bootstrap installs it)")
+def test_roles_are_identity_disjoint():
+    data = load_embedded(**SMALL, n_collect=12, use_cache=False)
+    ids = {role: set(getattr(data, role).ids) for role in ("train", "collect", "eval")}
+    assert ids["train"] == set(data.roles["train"]) and len(ids["train"]) == 6
+    assert ids["collect"] == {"t1_2"} and ids["eval"] == {"t1_4", "t1_5", "t1_6"}
+    assert not ids["train"] & ids["collect"] and not ids["train"] & ids["eval"] and not ids["collect"] & ids["eval"]
+    assert set(data.heldout) == ids["collect"] | ids["eval"]
     distance = torch.cdist(data.eval.images.flatten(1), data.train.images.flatten(1))
     assert distance.min() > 1.0  # no eval image is a copy of a train image
-    assert not set(data.heldout) & set(data.train.ids)
-    if HAS_INSIGHTFACE:
-        assert data.heldout == ["t1_4", "t1_6"]
-        assert set(data.heldout) <= set(data.eval.ids)
-        assert len(set(data.train.ids)) == 8 and len(set(data.eval.ids)) == 10
+
+
+def test_unknown_role_is_an_error(tmp_path):
+    bad = tmp_path / "faces.csv"
+    text = embedded_module.FACES_CSV.read_text().replace(",collect,", ",colect,", 1)
+    bad.write_text(text)
+    with pytest.raises(DatasetError, match="t1_2.*'colect'.*train, collect, eval"):
+        read_faces_csv(bad)
 
 
 def test_cache_is_reused(monkeypatch, tmp_path):
@@ -72,7 +81,7 @@ def test_cache_is_reused(monkeypatch, tmp_path):
 def test_labels_line_up_with_faces():
     data = load_embedded(**SMALL, use_cache=False)
     faces = {f["face_id"]: f for f in data.faces}
-    for fs in (data.train, data.eval):
+    for fs in (data.train, data.collect, data.eval):
         for i, face_id in enumerate(fs.ids):
             assert fs.attrs[i].tolist() == faces[face_id]["attrs"]
             grey_source = face_id in ("cameraman", "tom_hanks")
@@ -101,7 +110,8 @@ def test_missing_optional_source_warns_and_shrinks(monkeypatch):
     with pytest.warns(UserWarning, match="insightface"):
         data = load_embedded(**SMALL, use_cache=False)
     assert set(data.identities) == {"astronaut", "grace_hopper", "cameraman"}
-    assert data.heldout == [] and sorted(data.missing_sources) == ["insightface:t1",
+    assert data.heldout == [] and len(data.collect) == 0 and len(data.eval) == 0
+    assert sorted(data.missing_sources) == ["insightface:t1",
                                                                   "insightface:tom_hanks"]
     with pytest.raises(DatasetError, match="pip install --no-deps insightface"):
         with warnings.catch_warnings():

@@ -19,10 +19,23 @@ person's judgement on one photo, not CelebA annotations.
 Build: each face is framed like aligned CelebA after CenterCrop(170) (the face box fills about
 60 % of the side, with the box centre slightly below the image centre), then augmented: scale
 jitter (x0.9-1.1), shift (+-5 % of the side), rotation (+-10 deg), horizontal flip, and colour
-jitter (brightness, contrast, saturation x0.8-1.2; hue +-0.03 turns).  TRAIN and EVAL use
-independent random streams.  Faces marked ``heldout`` in the CSV (``t1_4`` and ``t1_6``: one man,
-one woman) appear **only** in EVAL, so EVAL has unseen identities as well as new views of the
-training identities.  This is demo-scale data (10 identities); research numbers need CelebA.
+jitter (brightness, contrast, saturation x0.8-1.2; hue +-0.03 turns).
+
+**Roles** (the threat model, see ``docs/threat-model.md``): each face is one photo of one person,
+and the CSV's ``role`` column gives it exactly one role, with every augmented view of it:
+
+* ``train`` (6 faces): the demo generators are trained on these, and the universal defenses are
+  fitted on them (the one overlap the protocol allows: CMUA fits on the generators' training set);
+* ``collect`` (1 face): the protected person whose posted photos the attacker collects, prepares
+  and retrains on;
+* ``eval`` (3 faces): protected persons whose photos the attacker later forges (held out from
+  everything else).
+
+A universal perturbation is the same for every person, so retraining on one protected person
+and forging others measures what it must.  Each role's views use an independent random stream.
+Without insightface only 3 ``train`` faces exist: there is then no protected person, and a run
+on the embedded data stops with a message naming the counts.  Demo-scale data (10 identities);
+research numbers need CelebA.
 """
 from __future__ import annotations
 
@@ -44,7 +57,8 @@ from ..paths import cache_dir
 from ._common import ATTGAN_ATTRS, DatasetError, FaceSet
 
 FACES_CSV = Path(__file__).with_name("embedded_faces.csv")
-BUILD_VERSION = 1  # bump when the framing or augmentation changes, to invalidate caches
+ROLES = ("train", "collect", "eval")
+BUILD_VERSION = 2  # bump when the framing or augmentation changes, to invalidate caches
 
 FACE_FRACTION = 0.6  # face-box height / image side, as in aligned CelebA after CenterCrop(170)
 CENTRE_SHIFT = 0.09  # image centre sits this fraction of the side above the box centre
@@ -67,18 +81,19 @@ _OPTIONAL_PACKAGES = {"insightface"}
 class EmbeddedData:
     """What :func:`load_embedded` returns.
 
-    train / eval: :class:`FaceSet` (``ids`` = face identity of each image);
+    train / collect / eval: :class:`FaceSet` per role (``ids`` = face identity of each image);
     attr_names: the 13 attribute names; faces: per-face metadata from ``embedded_faces.csv``
-    (only the faces used); heldout: identities only in eval; missing_sources: optional sources
+    (only the faces used); roles: ``{role: [face ids]}``; missing_sources: optional sources
     that were not installed; data_hash: SHA-256 of the build parameters, the label file and the
     source photos' bytes (the cache key; record it with results for provenance).
     """
 
     train: FaceSet
+    collect: FaceSet
     eval: FaceSet
     attr_names: list
     faces: list
-    heldout: list
+    roles: dict
     missing_sources: list
     data_hash: str
     params: dict = field(default_factory=dict)
@@ -88,19 +103,27 @@ class EmbeddedData:
         """Every face identity used, in the CSV's order."""
         return [f["face_id"] for f in self.faces]
 
+    @property
+    def heldout(self) -> list:
+        """The protected persons: identities that never enter generator training."""
+        return [f["face_id"] for f in self.faces if f["role"] != "train"]
+
 
 def read_faces_csv(path=FACES_CSV) -> list[dict]:
-    """The face table: dicts with face_id, source, box, heldout, description, attrs (0/1 list)."""
+    """The face table: dicts with face_id, source, box, role, description, attrs (0/1 list)."""
     with Path(path).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     faces = []
     for row in rows:
         if row["source"] not in _SOURCES:
             raise DatasetError(f"{path}: unknown source {row['source']!r} for face {row['face_id']!r}")
+        if row.get("role") not in ROLES:
+            raise DatasetError(f"{path}: face {row['face_id']!r} has role {row.get('role')!r}; "
+                               f"each face needs one of {', '.join(ROLES)}")
         faces.append({
             "face_id": row["face_id"], "source": row["source"],
             "box": [int(row[k]) for k in ("x1", "y1", "x2", "y2")],
-            "heldout": row["heldout"] == "1", "description": row["description"],
+            "role": row["role"], "description": row["description"],
             "attrs": [float(row[a]) for a in ATTGAN_ATTRS],
         })
     return faces
@@ -184,7 +207,7 @@ def _augment(canvas: Image.Image, image_size: int, rng: np.random.Generator) -> 
 
 
 def _build_split(canvases, faces, n, image_size, rng) -> FaceSet:
-    order = [i for _ in range(n // len(faces) + 1) for i in rng.permutation(len(faces))][:n]
+    order = [i for _ in range(n // len(faces) + 1) for i in rng.permutation(len(faces))][:n] if faces else []
     images = np.stack([_augment(canvases[i], image_size, rng) for i in order]) if n else \
         np.zeros((0, image_size, image_size, 3), np.uint8)
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
@@ -192,22 +215,22 @@ def _build_split(canvases, faces, n, image_size, rng) -> FaceSet:
     return FaceSet(tensor, attrs, list(ATTGAN_ATTRS), [faces[i]["face_id"] for i in order])
 
 
-def load_embedded(image_size: int = 128, n_train: int = 320, n_eval: int = 80, seed: int = 0,
-                  use_cache: bool = True, require_all: bool = False) -> EmbeddedData:
+def load_embedded(image_size: int = 128, n_train: int = 320, n_eval: int = 96, seed: int = 0,
+                  use_cache: bool = True, require_all: bool = False, n_collect: int = 64) -> EmbeddedData:
     """Build (or load from cache) the embedded face dataset.
 
     Args:
         image_size: side of the square images (128 default: large enough for MTCNN and RetinaFace;
             crop/resize to a model's 64x64 input downstream).
-        n_train, n_eval: images per split (faces are cycled in shuffled rounds, so each identity
-            appears about equally often).
+        n_train, n_collect, n_eval: views per role (faces are cycled in shuffled rounds, so each
+            identity of a role appears about equally often).
         seed: augmentation seed; the same seed gives identical tensors.
         use_cache: read/write ``cache_dir("data", "embedded")/<hash>.pt``.
         require_all: fail instead of warning when an optional source (insightface) is missing.
     """
-    if image_size < 16 or n_train < 0 or n_eval < 0:
+    if image_size < 16 or min(n_train, n_collect, n_eval) < 0:
         raise ValueError(f"need image_size >= 16 and non-negative counts, got image_size={image_size}, "
-                         f"n_train={n_train}, n_eval={n_eval}")
+                         f"n_train={n_train}, n_collect={n_collect}, n_eval={n_eval}")
     faces_all = read_faces_csv()
     paths, missing = {}, []
     for source in sorted({f["source"] for f in faces_all}):
@@ -227,33 +250,35 @@ def load_embedded(image_size: int = 128, n_train: int = 320, n_eval: int = 80, s
             raise DatasetError(message)
         warnings.warn(message, stacklevel=2)
     faces = [f for f in faces_all if f["source"] in paths]
-    train_faces = [f for f in faces if not f["heldout"]]
-    params = {"version": BUILD_VERSION, "image_size": int(image_size), "n_train": int(n_train),
-              "n_eval": int(n_eval), "seed": int(seed), "augment": AUGMENT,
+    counts = {"train": int(n_train), "collect": int(n_collect), "eval": int(n_eval)}
+    params = {"version": BUILD_VERSION, "image_size": int(image_size), **{f"n_{r}": n for r, n in counts.items()},
+              "seed": int(seed), "augment": AUGMENT,
               "framing": [FACE_FRACTION, CENTRE_SHIFT, CANVAS_MARGIN]}
     key_material = {"params": params, "faces_csv": FACES_CSV.read_text(),
                     "sources": {s: _file_sha256(p) for s, p in sorted(paths.items())}}
     data_hash = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()
     cache_file = cache_dir("data", "embedded") / f"{data_hash[:20]}.pt" if use_cache else None
-    meta = {"attr_names": list(ATTGAN_ATTRS), "faces": faces,
-            "heldout": [f["face_id"] for f in faces if f["heldout"]], "missing_sources": missing,
+    roles = {role: [f["face_id"] for f in faces if f["role"] == role] for role in ROLES}
+    meta = {"attr_names": list(ATTGAN_ATTRS), "faces": faces, "roles": roles, "missing_sources": missing,
             "data_hash": data_hash, "params": params}
     if cache_file is not None and cache_file.is_file():
         try:
             blob = torch.load(cache_file, map_location="cpu", weights_only=True)
-            return EmbeddedData(FaceSet(**blob["train"]), FaceSet(**blob["eval"]), **meta)
+            return EmbeddedData(**{role: FaceSet(**blob[role]) for role in ROLES}, **meta)
         except Exception as exc:  # a damaged cache file is rebuilt, not fatal
             warnings.warn(f"{cache_file}: unreadable cache ({exc}); rebuilding", stacklevel=2)
     photos = {s: read_image_uint8(p) for s, p in paths.items()}
     canvases = {f["face_id"]: _face_canvas(photos[f["source"]], f["box"], image_size) for f in faces}
-    train = _build_split([canvases[f["face_id"]] for f in train_faces], train_faces, n_train,
-                         image_size, np.random.default_rng([seed, 0]))
-    evaluation = _build_split([canvases[f["face_id"]] for f in faces], faces, n_eval, image_size,
-                              np.random.default_rng([seed, 1]))
+    sets = {}
+    for stream, role in enumerate(ROLES):
+        members = [f for f in faces if f["role"] == role]
+        n = counts[role] if members else 0
+        sets[role] = _build_split([canvases[f["face_id"]] for f in members], members, n, image_size,
+                                  np.random.default_rng([seed, stream]))
     if cache_file is not None:
-        blob = {name: {"images": fs.images, "attrs": fs.attrs, "attr_names": fs.attr_names,
-                       "ids": fs.ids} for name, fs in (("train", train), ("eval", evaluation))}
+        blob = {role: {"images": fs.images, "attrs": fs.attrs, "attr_names": fs.attr_names, "ids": fs.ids}
+                for role, fs in sets.items()}
         tmp = cache_file.with_suffix(".tmp")
         torch.save(blob, tmp)
         tmp.replace(cache_file)
-    return EmbeddedData(train, evaluation, **meta)
+    return EmbeddedData(**sets, **meta)

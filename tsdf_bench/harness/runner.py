@@ -206,7 +206,7 @@ class Runner:
                 "config_hash": cfg.hash, "run_name": cfg.run.name, "scale": cfg.run.scale,
                 "versions": versions(self.registry, used), "device": device_description(self.device),
                 **git_state(), "optimize": speed.optimizations_enabled(), "data": self.data.description, "data_hash": self.data.data_hash,
-                "data_notes": self.data.notes, "attacker_detector": cfg.detectors.attacker,
+                "data_notes": self.data.notes, "split": self.data.split, "attacker_detector": cfg.detectors.attacker,
                 "crop": cfg.detectors.crop, "eps": cfg.defenses.eps,
                 "n_fit": int(self.data.fit.images.shape[0]), "n_collect": int(self.data.collect.images.shape[0]),
                 "n_eval": int(self.data.eval.images.shape[0]),
@@ -244,10 +244,9 @@ class Runner:
             from ..models.zoo import get_model
 
             train_data = None
-            if cfg.data.source != "embedded":  # the zoo's default is the embedded training faces
-                d = self.data
-                train_data = (torch.cat([d.fit.images, d.collect.images]), torch.cat([d.fit.attrs, d.collect.attrs]),
-                              d.attr_names)
+            gen = self.data.generator_train
+            if gen is not None:  # None: the zoo's embedded training persons (never a protected one)
+                train_data = (gen.images, gen.attrs, self.data.attr_names)
             self.log(f"loading model {name} ({cfg.run.scale} scale; trained on first use)")
             model = get_model(name, scale=cfg.run.scale, registry=self.registry, train_data=train_data,
                               progress=self.progress, device=self.device, **options)
