@@ -94,3 +94,72 @@ def test_zoo_trains_once_then_loads_the_cache(tmp_path, monkeypatch):
     report = zoo.edit_report(second, checkpoints.load_discriminator(second, path), data[0][:, :, :32, :32],
                              torch.zeros(6, 5))
     assert len(report["per_target"]) == 5 and 0 <= report["cls_acc_edited"] <= 1
+
+
+def _wrap(name, state):
+    """An official-format file body for ``name``: AttGAN ``{"G": ...}``, HiSD ``{"gen_test": ...}``, else bare."""
+    return {"attgan": lambda s: {"G": s, "D": {}}, "hisd": lambda s: {"gen_test": s}}.get(name, lambda s: s)(state)
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name", ["stargan", "attentiongan", "attgan", "hisd"])
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy-format"])
+def test_dataparallel_prefix_is_stripped_for_every_generator(tmp_path, name, zipfile):
+    torch.manual_seed(1)
+    src = _model(name)
+    state = {f"module.{k}": v for k, v in src.official_state_dict().items()}
+    path = tmp_path / f"{name}.pt"
+    torch.save(_wrap(name, state), path, _use_new_zipfile_serialization=zipfile)
+    torch.manual_seed(2)
+    loaded = get_registry().create("model", name, scale="smoke", checkpoint=str(path))
+    assert _same_weights(src, loaded)
+
+
+@pytest.mark.parametrize("name", ["stargan", "attentiongan", "attgan"])
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy-format"])
+def test_old_pytorch_file_without_num_batches_tracked_loads(tmp_path, name, zipfile):
+    torch.manual_seed(1)
+    src = _model(name)
+    state = {k: v for k, v in src.official_state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(state) < len(src.official_state_dict())  # the model has such buffers
+    path = tmp_path / f"{name}.pt"
+    torch.save(_wrap(name, state), path, _use_new_zipfile_serialization=zipfile)
+    torch.manual_seed(2)
+    loaded = get_registry().create("model", name, scale="smoke", checkpoint=str(path))
+    assert _same_weights(src, loaded)
+    # the counters are the only keys filled in: any other missing key is still an error
+    state.pop(next(k for k in state if k.endswith("running_mean")))
+    torch.save(_wrap(name, state), path)
+    with pytest.raises(CheckpointError, match=r"1 missing key\(s\): .*running_mean"):
+        get_registry().create("model", name, scale="smoke", checkpoint=str(path))
+
+
+def test_adapt_state_dict_reports_what_it_changed():
+    expected = {"a.weight": torch.zeros(2), "bn.num_batches_tracked": torch.tensor(5)}
+    state, notes = checkpoints.adapt_state_dict({"module.a.weight": torch.ones(2)}, expected)
+    assert set(state) == {"a.weight", "bn.num_batches_tracked"} and int(state["bn.num_batches_tracked"]) == 5
+    assert len(notes) == 2 and "module." in notes[0] and "num_batches_tracked" in notes[1]
+    # a model whose own keys start with "module." keeps them
+    same, notes = checkpoints.adapt_state_dict({"module.x": torch.ones(1)}, {"module.x": torch.ones(1)})
+    assert list(same) == ["module.x"] and notes == []
+
+
+def test_hisd_uses_the_shared_loader(tmp_path, monkeypatch):
+    calls = []
+    real = checkpoints.load_model_checkpoint
+    monkeypatch.setattr(checkpoints, "load_model_checkpoint", lambda m, p: calls.append(p) or real(m, p))
+    path = tmp_path / "gen.pt"
+    torch.save({"gen_test": _model("hisd").state_dict()}, path)
+    get_registry().create("model", "hisd", scale="smoke", checkpoint=str(path))
+    assert calls == [path] or calls == [str(path)]
+
+
+def test_wrong_scale_names_the_scale_that_fits(tmp_path):
+    path = tmp_path / "g.pt"
+    torch.save(_model("attgan", "demo").official_state_dict(), path)
+    with pytest.raises(CheckpointError, match="fits attgan at scale 'demo'"):
+        get_registry().create("model", "attgan", scale="smoke", checkpoint=str(path))

@@ -126,7 +126,7 @@ def test_wrong_checkpoint_names_keys_and_fix(tmp_path):
     with pytest.raises(CheckpointError) as err:
         HiSD("smoke", checkpoint=path)
     msg = str(err.value)
-    assert "missing 1: decoder.2.bias" in msg and "unexpected 1: extra.weight" in msg and "Fix:" in msg
+    assert "1 missing key(s): decoder.2.bias" in msg and "1 unexpected key(s): extra.weight" in msg and "Fix:" in msg
 
     torch.save({"dis": smoke.state_dict()}, path)  # a discriminator file, not a generator
     with pytest.raises(CheckpointError, match="gen_test"):
@@ -336,3 +336,31 @@ def test_demo_generator_losses_leave_the_model_copyable():
     sum(terms.values()).backward()
     clone = copy.deepcopy(model)
     assert all(torch.equal(a, b) for a, b in zip(clone.state_dict().values(), model.state_dict().values()))
+
+
+def test_reference_image_file_gives_the_reference_guided_style(tmp_path):
+    """``reference = "path"``: the style is F(reference image) read as the official test script
+    reads it (Resize to the model size, [-1, 1]), not the latent-guided default."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    path = tmp_path / "reference_glasses_2.jpg"
+    Image.fromarray(pixels).save(path, quality=95)
+    torch.manual_seed(0)
+    model = HiSD("smoke", reference=str(path))
+    arr = np.asarray(Image.open(path).convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.float32)
+    expected_ref = torch.from_numpy(arr).permute(2, 0, 1)[None] / 127.5 - 1
+    torch.testing.assert_close(model.reference, expected_ref)
+    with torch.no_grad():
+        style = model.extract(expected_ref, 1)
+    torch.testing.assert_close(model.conditions(torch.zeros(2, 7))[0], style.expand(2, -1))
+    assert model.reference_source["path"] == str(path.resolve()) and len(model.reference_source["sha256"]) == 64
+    latent = HiSD("smoke")
+    latent.load_state_dict(model.state_dict())
+    assert not torch.allclose(latent.conditions(torch.zeros(1, 7))[0], style)
+    with pytest.raises(ConfigError, match="reference image .* does not exist"):
+        HiSD("smoke", reference=str(tmp_path / "missing.jpg"))
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match="cannot be used"):
+        HiSD("smoke", reference=tmp_path / "bad.jpg")

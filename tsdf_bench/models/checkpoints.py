@@ -5,8 +5,19 @@ it: StarGAN/AttentionGAN ``200000-G.ckpt`` is a bare state_dict; AttGAN ``weight
 ``{"G": ..., "D": ..., "optim_G": ..., "optim_D": ...}`` (a bare G state_dict is accepted too).
 A model declares how to read them with ``official_state_dict()`` /
 ``load_official_state_dict(sd)`` and, optionally, ``official_checkpoint_keys`` (the dict keys that
-may hold the generator, default ``("G",)``).  Everything is read with
-``torch.load(weights_only=True)`` -- no pickled code runs.
+may hold the generator, default ``("G",)``; HiSD: ``("gen_test", "gen")``) and
+``official_checkpoint_file`` (the official file's name, used in error messages).  Everything is
+read with ``torch.load(weights_only=True)`` -- no pickled code runs.
+
+Two save formats of the same weights are accepted for every generator (:func:`adapt_state_dict`):
+keys saved from a ``nn.DataParallel`` wrapper (``module.`` prefix) are stripped, and BatchNorm /
+InstanceNorm ``num_batches_tracked`` counters missing from files written by PyTorch < 0.4.1 are
+filled with the model's own (torch's strict load accepts such files too).  Anything else that
+does not match is an error naming the keys, the scale the file fits (when one does) and the fix.
+
+A paper-scale model needs a checkpoint: :func:`model_options` (called by whoever creates a model
+from a config) refuses a paper-scale model without ``checkpoint`` unless its table says
+``random_init = true``; :func:`create_model` does that and the creation in one call.
 
 Our own files (``save_model``) hold ``{"format": FORMAT, "model", "scale", "config",
 "state_dict", "discriminator"}``; a JSON manifest beside them records how they were made
@@ -23,9 +34,11 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 FORMAT = "tsdf-bench-model/1"
+DATAPARALLEL_PREFIX = "module."
+BN_COUNTER = "num_batches_tracked"
 
 
 def _read(path) -> Any:
@@ -58,6 +71,55 @@ def compare_state_dicts(expected: dict, found: dict) -> tuple[list, list, list]:
     return missing, unexpected, mismatching
 
 
+def adapt_state_dict(state: dict, expected: dict) -> tuple[dict, list[str]]:
+    """``state`` with the two accepted save-format differences undone, and a note per change.
+
+    * ``module.`` prefixes (a ``nn.DataParallel``-wrapped model's ``state_dict()``) are stripped
+      from every key that has one, when the model itself has no such keys;
+    * ``num_batches_tracked`` buffers that the model has and the file lacks (PyTorch < 0.4.1
+      saves) are filled with the model's current values, as torch's own loader does for them.
+    """
+    notes = []
+    state = dict(state)
+    prefixed = [k for k in state if k.startswith(DATAPARALLEL_PREFIX)]
+    if prefixed and not any(k.startswith(DATAPARALLEL_PREFIX) for k in expected):
+        state = {(k[len(DATAPARALLEL_PREFIX):] if k.startswith(DATAPARALLEL_PREFIX) else k): v
+                 for k, v in state.items()}
+        notes.append(f"stripped the DataParallel prefix 'module.' from {len(prefixed)} key(s)")
+    counters = [k for k in expected if k.rsplit(".", 1)[-1] == BN_COUNTER and k not in state]
+    if counters:
+        for k in counters:
+            state[k] = expected[k].detach().clone()
+        notes.append(f"filled {len(counters)} missing {BN_COUNTER} buffer(s) (an old PyTorch save)")
+    return state, notes
+
+
+def _build_at_scale(model, scale):
+    """``type(model)(scale=scale)`` on the meta device (no memory), or None when it cannot be built."""
+    try:
+        with torch.device("meta"):
+            return type(model)(scale=scale)
+    except Exception:  # noqa: BLE001 - a plugin that cannot be built on meta: no hint
+        return None
+
+
+def guess_scale(model, state: dict) -> str | None:
+    """The scale of ``type(model)`` whose generator layout ``state`` fits exactly, if any."""
+    from .base import SCALES
+
+    for scale in SCALES:
+        other = _build_at_scale(model, scale)
+        if other is None:
+            continue
+        layouts = [other.state_dict()]
+        if hasattr(other, "official_state_dict"):
+            layouts.append(other.official_state_dict())
+        for expected in layouts:
+            if not any(compare_state_dicts(expected, adapt_state_dict(state, expected)[0])):
+                return scale
+    return None
+
+
 def check_state_dict(model, state_dict: dict, source: str, expected: dict | None = None):
     """Raise :class:`CheckpointError` naming missing/unexpected/mismatching keys (first few + counts)."""
     expected = model.official_state_dict() if expected is None else expected
@@ -72,23 +134,38 @@ def check_state_dict(model, state_dict: dict, source: str, expected: dict | None
     if mismatching:
         parts.append(f"{len(mismatching)} shape mismatch(es): {_few(mismatching, 3)}")
     name, scale = getattr(model, "name", type(model).__name__), getattr(model, "scale", "?")
-    raise CheckpointError(
-        f"{source} does not fit {name} at scale {scale!r}: " + "; ".join(parts) +
-        f". Fix: official checkpoints load only at scale 'paper' with the matching model "
-        f"(StarGAN/AttentionGAN: 200000-G.ckpt of the 256 px CelebA model; AttGAN: weights.199.pth of "
-        f"256_shortcut1_inject0_none); check that the file belongs to {name!r} and the scale is right")
+    fits = guess_scale(model, state_dict)
+    if fits is not None and fits != scale:
+        fix = f"the file fits {name} at scale {fits!r}: build the model with scale={fits!r}"
+    else:
+        official = getattr(model, "official_checkpoint_file", "")
+        fix = (f"official checkpoints load only at scale 'paper' with the matching model"
+               + (f" ({name}: {official})" if official else "")
+               + f"; check that the file belongs to {name!r} and the scale is right")
+    raise CheckpointError(f"{source} does not fit {name} at scale {scale!r}: " + "; ".join(parts) +
+                          f". Fix: {fix}")
 
 
 def extract_generator_state(obj, model, source: str) -> dict:
-    """The generator's state_dict inside a loaded official file (bare dict or ``{"G": ...}``)."""
+    """The generator's state_dict inside a loaded official file (bare dict or ``{"G": ...}``),
+    with the accepted format differences undone (:func:`adapt_state_dict`)."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state_dict")
     expected = model.official_state_dict()
-    for key in getattr(model, "official_checkpoint_keys", ("G",)):
+    keys = tuple(getattr(model, "official_checkpoint_keys", ("G",)))
+    state = obj
+    for key in keys:
         inner = obj.get(key)
         if isinstance(inner, dict) and not any(k in obj for k in expected):
-            return inner
-    return obj
+            state = inner
+            break
+    if not state or not all(torch.is_tensor(v) for v in state.values()):
+        found = _few([str(k) for k in state]) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{source} is not a generator checkpoint of {getattr(model, 'name', type(model).__name__)}: "
+            f"expected a state_dict of tensors, bare or under key {' or '.join(repr(k) for k in keys)}; "
+            f"found keys {found}")
+    return adapt_state_dict(state, expected)[0]
 
 
 def load_official(model, path) -> None:
@@ -140,8 +217,9 @@ def load_model_checkpoint(model, path) -> dict:
             raise CheckpointError(f"checkpoint {path} holds {obj.get('model')!r} at scale {obj.get('scale')!r}, "
                                   f"not {name!r} at scale {scale!r}; pass model and scale that match the file")
         expected = model.state_dict()
-        check_state_dict(model, obj["state_dict"], f"checkpoint {path}", expected=expected)
-        model.load_state_dict(obj["state_dict"], strict=True)
+        state = adapt_state_dict(obj["state_dict"], expected)[0]
+        check_state_dict(model, state, f"checkpoint {path}", expected=expected)
+        model.load_state_dict(state, strict=True)
         return {"discriminator": obj.get("discriminator") or {}}
     source = f"checkpoint {path}"
     state = extract_generator_state(obj, model, source)

@@ -52,9 +52,12 @@ Scales:
                not a clean blond (see :mod:`tsdf_bench.models.zoo`).
     ``smoke``  tiny, 32 px, for tests.
 
-Reference: ``reference=`` (or :meth:`HiSD.set_reference`) takes one face with glasses,
-``[1, 3, S, S]`` in [-1, 1]; it is resized to the model's size and kept as a non-persistent
-buffer (so it never enters the state_dict).  Without a reference image the protocol's style
+Reference: ``reference=`` (or :meth:`HiSD.set_reference`) takes one face with glasses: an
+image file (``[models.hisd] reference = "reference_glasses_2.jpg"``, the file CMUA and TSDF use,
+from the official repository's ``examples/``; read as the official ``core/test.py`` reads a
+reference) or a tensor ``[1, 3, S, S]`` in [-1, 1]; it is resized to the model's size and kept
+as a non-persistent buffer (so it never enters the state_dict); a file's path and sha256 are in
+``reference_source``.  Without a reference image the protocol's style
 is HiSD's *latent-guided* style for "Eyeglasses: with": ``M_1(z, 'with')`` with
 ``z = randn(1, noise_dim)`` from ``torch.Generator().manual_seed(DEFAULT_STYLE_SEED)``
 (a noise *image* has no meaningful glasses style, a mapped latent does).
@@ -70,7 +73,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +81,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tsdf_bench.errors import CheckpointError, ConfigError
+from tsdf_bench.errors import ConfigError
 from tsdf_bench.models.base import SCALES, DeepfakeModel
 
-TAGS = (
-    ("Bangs", ("with", "without")),
-    ("Eyeglasses", ("with", "without")),
-    ("HairColor", ("black", "blond", "brown")),
-)
-TAG_IRRELEVANT_DIM = 2  # (Male, Young), as the official preprocessor writes them
+from ._hisd_blocks import (TAG_IRRELEVANT_DIM, TAGS, DownBlock, Extractors, HiSDDiscriminator,  # noqa: F401
+                           InstanceNorm, LinearBlock, Mapper, MiddleBlock, Translator, UpBlock, _demo_init,
+                           _FrozenParams, _official_init, _r1)
+
 EYEGLASSES = 1  # the protocol's tag
 HAIRCOLOR = 2
 DEFAULT_STYLE_SEED = 0
@@ -121,279 +122,6 @@ CONFIGS = {
 
 
 # --------------------------------------------------------------------------------------
-# building blocks (names follow the official module so state_dict keys match)
-# --------------------------------------------------------------------------------------
-def _instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """HiSD's instance norm: ``(x - mean) / (unbiased std + eps) * weight + bias`` per channel.
-
-    Differs from ``nn.InstanceNorm2d`` (which divides by ``sqrt(biased var + eps)``);
-    ``weight``/``bias`` are ``[N or 1, C, 1]``.
-    """
-    n, c, h, w = x.shape
-    flat = x.reshape(n, c, h * w)
-    mean = flat.mean(-1, keepdim=True)
-    std = flat.std(-1, keepdim=True)
-    return ((flat - mean) / (std + eps) * weight + bias).reshape(n, c, h, w)
-
-
-class InstanceNorm(nn.Module):
-    """Affine HiSD instance norm; parameters ``weight``/``bias`` of shape ``[1, C, 1]``."""
-
-    def __init__(self, channels: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(1, channels, 1))
-        self.bias = nn.Parameter(torch.zeros(1, channels, 1))
-
-    def forward(self, x):
-        return _instance_norm(x, self.weight, self.bias, self.eps)
-
-
-class DownBlock(nn.Module):
-    """Residual block, halves the resolution: avgpool(sc(x)) + conv2(act(pool(conv1(act(x))))).
-
-    ``norm=True`` adds HiSD instance norms before each activation (encoder); the extractor and
-    the discriminator use none.  Output divided by sqrt(2).
-    """
-
-    def __init__(self, cin: int, cout: int, norm: bool):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cin, 3, 1, 1)
-        self.conv2 = nn.Conv2d(cin, cout, 3, 1, 1)
-        if norm:
-            self.in1 = InstanceNorm(cin)
-            self.in2 = InstanceNorm(cin)
-        self.norm = norm
-        self.sc = nn.Conv2d(cin, cout, 1, 1, 0, bias=False)
-
-    def forward(self, x):
-        residual = F.avg_pool2d(self.sc(x), 2)
-        h = self.in1(x) if self.norm else x
-        h = F.avg_pool2d(self.conv1(F.leaky_relu(h, 0.2)), 2)
-        h = self.in2(h) if self.norm else h
-        h = self.conv2(F.leaky_relu(h, 0.2))
-        return (residual + h) / math.sqrt(2)
-
-
-class UpBlock(nn.Module):
-    """Residual block with HiSD instance norms, doubles the resolution (nearest upsampling)."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
-        self.in1 = InstanceNorm(cin)
-        self.in2 = InstanceNorm(cout)
-        self.sc = nn.Conv2d(cin, cout, 1, 1, 0, bias=False)
-
-    def forward(self, x):
-        residual = F.interpolate(self.sc(x), scale_factor=2, mode="nearest")
-        h = F.interpolate(F.leaky_relu(self.in1(x), 0.2), scale_factor=2, mode="nearest")
-        h = self.conv2(F.leaky_relu(self.in2(self.conv1(h)), 0.2))
-        return (residual + h) / math.sqrt(2)
-
-
-class MiddleBlock(nn.Module):
-    """Residual block with two AdaIN layers whose scale/shift come from a style code."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.cin, self.cout = cin, cout
-        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
-        self.sc = nn.Conv2d(cin, cout, 1, 1, 0, bias=False)
-
-    @property
-    def num_adain_params(self) -> int:
-        return 2 * (self.cin + self.cout)
-
-    def forward(self, x, params):
-        """``params [N, 2*(cin+cout)]``: (bias1, weight1-1, bias2, weight2-1), official order."""
-        c1, c2 = self.cin, self.cout
-        b1, w1 = params[:, :c1, None], params[:, c1:2 * c1, None] + 1
-        b2, w2 = params[:, 2 * c1:2 * c1 + c2, None], params[:, 2 * c1 + c2:, None] + 1
-        h = self.conv1(F.leaky_relu(_instance_norm(x, w1, b1), 0.2))
-        h = self.conv2(F.leaky_relu(_instance_norm(h, w2, b2), 0.2))
-        return (self.sc(x) + h) / math.sqrt(2)
-
-
-class LinearBlock(nn.Module):
-    """ReLU then Linear (the official mapper block)."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.linear = nn.Linear(cin, cout)
-
-    def forward(self, x):
-        return self.linear(F.relu(x))
-
-
-class Extractors(nn.Module):
-    """Style extractor F: one network whose last 1x1 conv gives ``style_dim`` per tag."""
-
-    def __init__(self, channels, style_dim: int, num_tags: int):
-        super().__init__()
-        self.num_tags = num_tags
-        self.model = nn.Sequential(
-            nn.Conv2d(3, channels[0], 1, 1, 0),
-            *[DownBlock(channels[k], channels[k + 1], norm=False) for k in range(len(channels) - 1)],
-            nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(channels[-1], style_dim * num_tags, 1, 1, 0),
-        )
-
-    def forward(self, x, tag: int):
-        return self.model(x).view(x.size(0), self.num_tags, -1)[:, tag]
-
-
-class Translator(nn.Module):
-    """Tag-specific translator T_i: AdaIN blocks + attention mask m; ``f*m + e*(1-m)``."""
-
-    def __init__(self, content_dim: int, channels, style_dim: int):
-        super().__init__()
-        self.model = nn.ModuleList(
-            [nn.Conv2d(content_dim, channels[0], 1, 1, 0)]
-            + [MiddleBlock(channels[k], channels[k + 1]) for k in range(len(channels) - 1)]
-        )
-        self.style_to_params = nn.Linear(style_dim, sum(b.num_adain_params for b in self.model[1:]))
-        self.features = nn.Sequential(nn.Conv2d(channels[-1], content_dim, 1, 1, 0))
-        self.masks = nn.Sequential(nn.Conv2d(channels[-1], content_dim, 1, 1, 0), nn.Sigmoid())
-
-    def forward(self, e, s):
-        params = self.style_to_params(s)
-        h = self.model[0](e)
-        offset = 0
-        for block in self.model[1:]:
-            n = block.num_adain_params
-            h = block(h, params[:, offset:offset + n])
-            offset += n
-        m = self.masks(h)
-        return self.features(h) * m + e * (1 - m)
-
-
-class Mapper(nn.Module):
-    """Tag-specific mapper M_i: noise -> style, a shared trunk and one head per attribute."""
-
-    def __init__(self, noise_dim: int, pre, post, style_dim: int, num_attributes: int):
-        super().__init__()
-        self.pre_model = nn.Sequential(
-            nn.Linear(noise_dim, pre[0]), *[LinearBlock(pre[k], pre[k + 1]) for k in range(len(pre) - 1)]
-        )
-        self.post_models = nn.ModuleList([
-            nn.Sequential(*[LinearBlock(post[k], post[k + 1]) for k in range(len(post) - 1)],
-                          nn.Linear(post[-1], style_dim))
-            for _ in range(num_attributes)
-        ])
-
-    def forward(self, z, attribute: int):
-        return self.post_models[attribute](self.pre_model(z))
-
-
-class HiSDDiscriminator(nn.Module):
-    """Multi-task discriminator: shared trunk, one head per tag conditioned on (style, y).
-
-    ``forward(x, s, y, tag) -> [N, 2, num_attributes(tag)]``; row 0 judges translated
-    images, row 1 cycle-translated ones (official Eq. 4), one column per attribute.
-    """
-
-    def __init__(self, channels, style_dim: int):
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(3, channels[0], 1, 1, 0),
-            *[DownBlock(channels[k], channels[k + 1], norm=False) for k in range(len(channels) - 1)],
-            nn.AdaptiveAvgPool2d(1),
-        )
-        self.fcs = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(channels[-1] + style_dim + TAG_IRRELEVANT_DIM, 2 * len(attrs), 1, 1, 0))
-            for _, attrs in TAGS
-        ])
-
-    def forward(self, x, s, y, tag: int):
-        f = self.conv(x)
-        cond = torch.cat([s, y], 1)[:, :, None, None].expand(-1, -1, f.size(2), f.size(3))
-        return self.fcs[tag](torch.cat([f, cond], 1)).view(f.size(0), 2, -1)
-
-    def pick(self, x, s, y, tag: int, attribute: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, 2]`` (translated, cycle) at each sample's ``attribute`` column."""
-        out = self.forward(x, s, y, tag)
-        return out.gather(2, attribute.view(-1, 1, 1).expand(-1, 2, 1)).squeeze(2)
-
-
-def _official_init(module: nn.Module) -> None:
-    """The official ``init: kaiming``: Conv*/Linear weights kaiming-normal (fan_in), biases 0.01."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0.01)
-
-
-def _demo_init(model: "HiSD", cfg: dict) -> None:
-    """Demo-only initial-weight changes (no-ops for configs without these keys, e.g. ``paper``).
-
-    ``mask_bias_init``: every translator's attention-mask bias, so that ``m = sigmoid(.)`` starts
-    near 0 and ``T(e, s) ~= e`` (a translation starts as the reconstruction);
-    ``style_init_gain``: scales the last layer of the mappers and of the extractor and the
-    translators' ``style_to_params``, so that style codes and AdaIN parameters start small.
-    """
-    bias = cfg.get("mask_bias_init")
-    gain = cfg.get("style_init_gain")
-    with torch.no_grad():
-        for tr in model.translators:
-            if cfg.get("translator_identity_init"):
-                _identity_translator(tr)
-            if bias is not None:
-                tr.masks[0].bias.fill_(float(bias))
-            if gain is not None:
-                tr.style_to_params.weight.mul_(gain)
-                tr.style_to_params.bias.zero_()
-        if gain is not None:
-            model.extractors.model[-1].weight.mul_(gain)
-            for mapper in model.mappers:
-                for head in mapper.post_models:
-                    head[-1].weight.mul_(gain)
-
-
-def _identity_translator(tr: "Translator") -> None:
-    """Initialise ``tr`` so that its feature branch is the identity: ``features(h) = e`` and so
-    ``T(e, s) = e`` for any mask and style (needs translator channels == content channels).
-
-    The 1x1 convs (input, shortcuts, features) become identities (shortcuts x sqrt(2), undoing the
-    block's 1/sqrt(2)), the second 3x3 conv of each AdaIN block starts at zero (a residual branch
-    that the edit grows from nothing) and the 1x1 convs' biases start at zero.
-    """
-    def eye(conv, scale=1.0):
-        c_out, c_in = conv.weight.shape[:2]
-        if c_out != c_in:
-            raise ConfigError("HiSD translator_identity_init needs translator channels == content channels")
-        conv.weight.zero_()
-        conv.weight[:, :, 0, 0] = torch.eye(c_out) * scale
-        if conv.bias is not None:
-            conv.bias.zero_()
-
-    eye(tr.model[0])
-    for block in tr.model[1:]:
-        eye(block.sc, math.sqrt(2))
-        block.conv2.weight.zero_()
-        block.conv2.bias.zero_()
-    eye(tr.features[0])
-
-
-class _FrozenParams:
-    """Context: ``requires_grad=False`` on a module's parameters while a graph is built."""
-
-    def __init__(self, module: nn.Module):
-        self.params = [p for p in module.parameters() if p.requires_grad]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)
-
-
-# --------------------------------------------------------------------------------------
 # the plugin
 # --------------------------------------------------------------------------------------
 class HiSD(DeepfakeModel):
@@ -403,7 +131,9 @@ class HiSD(DeepfakeModel):
         scale: ``"paper"`` (official celeba-hq_256), ``"demo"`` (64 px) or ``"smoke"`` (32 px).
         checkpoint: path to an official ``gen_*.pt`` (uses ``gen_test``, else ``gen``) or a
             bare generator state_dict; loaded strictly with ``weights_only=True``.
-        reference: optional face with glasses ``[1, 3, S, S]`` in [-1, 1] (see module doc).
+        reference: optional reference face for the protocol edit: an image file (the
+            protocol's ``reference_glasses_2.jpg``; read as the official test script does) or a
+            tensor ``[1, 3, S, S]`` in [-1, 1] (see :meth:`set_reference`).
 
     Attributes (columns of ``attrs`` for :meth:`losses`, 0/1): Bangs, Eyeglasses, Black_Hair,
     Blond_Hair, Brown_Hair, Male, Young.  HairColor samples need exactly one hair colour set.
@@ -415,6 +145,8 @@ class HiSD(DeepfakeModel):
     """
 
     name = "hisd"
+    official_checkpoint_keys = ("gen_test", "gen")  # gen_test: the EMA weights the official test uses
+    official_checkpoint_file = "gen_00600000.pt of the celeba-hq_256 config"
     attributes = ("Bangs", "Eyeglasses", "Black_Hair", "Blond_Hair", "Brown_Hair", "Male", "Young")
     tags = tuple(t for t, _ in TAGS)
     # optimiser settings of configs/celeba-hq_256.yaml, for the shared trainer
@@ -427,7 +159,8 @@ class HiSD(DeepfakeModel):
     # read by tsdf_bench.models.training.train: one D and one G update per iteration
     train_defaults = {"lr_g": 1e-4, "lr_d": 1e-4, "betas": (0.0, 0.99), "n_critic": 1}
 
-    def __init__(self, scale: str = "demo", checkpoint: str | Path | None = None, reference: torch.Tensor | None = None):
+    def __init__(self, scale: str = "demo", checkpoint: str | Path | None = None,
+                 reference: torch.Tensor | str | Path | None = None):
         if scale not in CONFIGS:
             raise ConfigError(f"HiSD: unknown scale {scale!r}; use one of {', '.join(SCALES)}.")
         cfg = CONFIGS[scale]
@@ -453,6 +186,7 @@ class HiSD(DeepfakeModel):
         _official_init(self)
         _demo_init(self, cfg)
         self.register_buffer("reference", None, persistent=False)
+        self.reference_source: dict | None = None  # {"path", "sha256"} of a reference file
         if reference is not None:
             self.set_reference(reference)
         if checkpoint is not None:
@@ -480,17 +214,25 @@ class HiSD(DeepfakeModel):
         return self.translators[tag](e, s)
 
     # -- reference ---------------------------------------------------------------------------
-    def set_reference(self, image: torch.Tensor | None) -> None:
-        """Use ``image`` ``[1, 3, H, W]`` or ``[3, H, W]`` in [-1, 1] as the glasses reference.
+    def set_reference(self, image: torch.Tensor | str | Path | None) -> None:
+        """Use ``image`` as the reference of the protocol edit (style ``F(ref, edit tag)``).
 
-        Resized (bilinear, antialiased) to the model's image size.  ``None`` returns to the
-        default latent-guided style.
+        ``image`` is an image file (``str`` or path; read by :func:`load_reference_image`, its
+        path and sha256 kept in ``reference_source``) or a tensor ``[1, 3, H, W]`` / ``[3, H, W]``
+        in [-1, 1], resized (bilinear, antialiased) to the model's image size.  ``None`` returns
+        to the default latent-guided style.
         """
         if image is None:
-            self.reference = None
+            self.reference, self.reference_source = None, None
             return
+        source = None
+        if isinstance(image, (str, os.PathLike)):
+            path = Path(image).expanduser()
+            image = load_reference_image(path, self.image_size)
+            source = {"path": str(path.resolve()), "sha256": _sha256(path)}
         if not torch.is_tensor(image):
-            raise TypeError(f"HiSD reference must be a torch tensor [1, 3, H, W] in [-1, 1], got {type(image).__name__}")
+            raise TypeError(f"HiSD reference must be an image path or a torch tensor [1, 3, H, W] in [-1, 1], "
+                            f"got {type(image).__name__}")
         if image.dim() == 3:
             image = image.unsqueeze(0)
         if image.dim() != 4 or image.shape[:2] != (1, 3):
@@ -505,6 +247,7 @@ class HiSD(DeepfakeModel):
             image = F.interpolate(image, size=(self.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
         device = next(self.parameters()).device
         self.reference = image.to(device)
+        self.reference_source = source
 
     @property
     def edit_tag(self) -> int:
@@ -549,47 +292,20 @@ class HiSD(DeepfakeModel):
         return x
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Load an official ``gen_*.pt`` (``gen_test`` = EMA weights, else ``gen``) or a state_dict."""
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"HiSD checkpoint {path} does not exist (official file: gen_00600000.pt)")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
-            raise CheckpointError(f"HiSD checkpoint {path} could not be read with torch.load(weights_only=True): {exc}") from exc
-        self.load_generator_state(obj, source=str(path))
+    def official_state_dict(self) -> dict:
+        """The official ``Gen`` state_dict (the whole module; the reference is not in it)."""
+        return self.state_dict()
 
-    def load_generator_state(self, obj: Any, source: str = "state_dict") -> None:
-        """Strictly load ``obj`` (a checkpoint dict or a bare state_dict); errors name the keys."""
-        if isinstance(obj, dict):
-            for key in ("gen_test", "gen", "generator", "state_dict"):
-                if isinstance(obj.get(key), dict):
-                    obj = obj[key]
-                    break
-        if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-            keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
-            raise CheckpointError(
-                f"{source}: not a HiSD generator checkpoint (expected key 'gen_test' or 'gen', or a bare "
-                f"state_dict of tensors; found {keys})"
-            )
-        own = self.state_dict()
-        missing = [k for k in own if k not in obj]
-        unexpected = [k for k in obj if k not in own]
-        wrong = [f"{k} {tuple(obj[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
-                 if k in obj and obj[k].shape != v.shape]
-        if missing or unexpected or wrong:
-            hint = _guess_scale(obj)
-            fix = (f"it matches scale={hint!r}: build HiSD(scale={hint!r})" if hint and hint != self.scale else
-                   "pass the HiSD generator file gen_XXXXXXXX.pt of the celeba-hq_256 config (scale='paper') "
-                   "or a checkpoint trained by tsdf-bench at this scale")
-            parts = []
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-                if items:
-                    more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-                    parts.append(f"{label} {len(items)}: {', '.join(items[:5])}{more}")
-            raise CheckpointError(f"{source} does not fit HiSD(scale={self.scale!r}): {'; '.join(parts)}. Fix: {fix}.")
-        self.load_state_dict(obj, strict=True)
+    def load_official_state_dict(self, state_dict: dict, strict: bool = True):
+        return self.load_state_dict(state_dict, strict=strict)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Load an official ``gen_*.pt`` (``gen_test`` = EMA weights, else ``gen``), a bare
+        generator state_dict or a tsdf-bench checkpoint, strictly, with the shared loader
+        (:func:`tsdf_bench.models.checkpoints.load_model_checkpoint`)."""
+        from tsdf_bench.models.checkpoints import load_model_checkpoint
+
+        load_model_checkpoint(self, path)
 
     # -- training ------------------------------------------------------------------------------
     def optimizer_param_groups(self, lr: float | None = None) -> list[dict]:
@@ -720,16 +436,31 @@ class HiSD(DeepfakeModel):
         return terms
 
 
-def _r1(d_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """R1 penalty: mean over the batch of ``|d D(x) / d x|^2`` (official ``compute_grad2``)."""
-    (grad,) = torch.autograd.grad(d_out.sum(), x, create_graph=True)
-    return grad.pow(2).flatten(1).sum(1).mean()
+def load_reference_image(path: str | Path, image_size: int) -> torch.Tensor:
+    """A reference face from an image file as ``[1, 3, S, S]`` in [-1, 1].
+
+    The official ``core/test.py`` reads a reference with ``Resize(new_size)`` (PIL bilinear),
+    ``ToTensor`` and ``Normalize(0.5, 0.5)``; for a square file (the shipped
+    ``examples/reference_glasses_2.jpg`` is 128x128) this is exactly that.  A non-square file is
+    first cropped to its central square (the official code would keep its aspect ratio).
+    """
+    from tsdf_bench.data._common import crop_resize
+    from tsdf_bench.errors import ImageError
+    from tsdf_bench.imageio import read_image_pil
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"HiSD reference image {path} does not exist; set [models.hisd] reference to the "
+                          "reference face (the protocol's reference_glasses_2.jpg from the official HiSD "
+                          "repository's examples/), or remove the option for the latent-guided style")
+    try:
+        img = read_image_pil(path)
+    except ImageError as exc:
+        raise ConfigError(f"HiSD reference image {path} cannot be used: {exc}") from None
+    return crop_resize(img, None, image_size).unsqueeze(0)
 
 
-def _guess_scale(state: dict) -> str | None:
-    """The scale whose generator layout ``state`` matches exactly, if any."""
-    for scale in CONFIGS:
-        own = {k: tuple(v.shape) for k, v in HiSD(scale).state_dict().items()}
-        if set(own) == set(state) and all(tuple(state[k].shape) == own[k] for k in own):
-            return scale
-    return None
+def _sha256(path: Path) -> str:
+    from tsdf_bench.models.checkpoints import sha256_file
+
+    return sha256_file(path)
