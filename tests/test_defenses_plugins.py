@@ -1,88 +1,114 @@
-"""Every registered built-in defense: budget, range, determinism, seeds, save/load, other sizes."""
+"""Every registered defense: budget, range, determinism, seeds, save/load (tsdf_bench.testing's
+checks, with the fast options of FAST), then behaviour specific to the built-in defenses."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from defense_toys import BlackBoxDetector, ToyDetector, ToyGAN, toy_attrs, toy_images  # noqa: F401
+from tsdf_bench import DefenseEntry, Registry
 from tsdf_bench.defenses.base import Defense, UniversalDefense, load_perturbation
 from tsdf_bench.plugins import get_registry
+from tsdf_bench.testing import (DEFENSE_CHECKS, BlackBoxDetector, DefenseCase, check_defense, defense_factory,
+                                toy_world)
+from conftest import ROOT
 
-# Cheap-but-real schedules: every stage runs, on tiny inputs.
+# The one table of fast options: cheap-but-real schedules (every stage runs, on tiny inputs).
+# Every registered defense needs an entry; a defense missing here fails test_defense_contract.
 FAST = {
-    "tsdf": dict(passes=1, batch_size=4, poison_steps=3, step=0.005),
-    "found": dict(passes=1, batch_size=4, step=0.005),
-    "cmua": dict(batch_size=4, iterations=3),
-    "pgd": dict(iterations=3),
-    "facepoison": dict(iterations=3, importance_masks=2),
-    "noise": {},
-    "none": {},
+    "tsdf": DefenseCase(dict(passes=1, batch_size=4, poison_steps=3, step=0.005), seeded=True),
+    "found": DefenseCase(dict(passes=1, batch_size=4, step=0.005), seeded=True),
+    "cmua": DefenseCase(dict(batch_size=4, iterations=3), seeded=True),
+    "pgd": DefenseCase(dict(iterations=3), seeded=True),
+    "facepoison": DefenseCase(dict(iterations=3, importance_masks=2), seeded=True),
+    "noise": DefenseCase({}, seeded=True),
+    "none": DefenseCase({}, perturbs=False),
 }
-RANDOM = ("tsdf", "found", "cmua", "pgd", "facepoison", "noise")  # a seed changes the result
+REGISTERED = get_registry().names("defense")
 
 
 @pytest.fixture(scope="module")
 def world():
-    x, a = toy_images(4, 16), toy_attrs(4)
-    models = [ToyGAN("m1", seed=1), ToyGAN("m2", seed=2)]
-    dets = [ToyDetector("d1", 1), ToyDetector("d2", 2), BlackBoxDetector()]
-    return x, a, models, dets
+    return toy_world()
 
 
 def make(name, **kw):
-    return get_registry().create("defense", name, **{**FAST[name], **kw})
+    return get_registry().create("defense", name, **{**FAST[name].options, **kw})
 
 
-def test_all_expected_defenses_are_registered():
-    assert set(FAST) <= set(get_registry().names("defense"))
+def test_the_table_names_only_registered_defenses():
+    assert set(FAST) <= set(REGISTERED), f"FAST names unregistered defenses: {sorted(set(FAST) - set(REGISTERED))}"
 
 
-@pytest.mark.parametrize("name", sorted(FAST))
-def test_budget_and_range_hold(name, world):
-    x, a, models, dets = world
-    d = make(name, eps=0.03, seed=0).fit(x, a, models, dets)
-    assert isinstance(d, Defense) and d.name == name
-    p = d.protect(x, a)
-    assert p.shape == x.shape
-    assert (p - x).abs().max() <= 0.03 + 1e-6
-    assert p.min() >= -1 and p.max() <= 1
-    if name != "none":
-        assert (p - x).abs().max() > 0.01  # it does perturb
-    # images at the range's edge stay in range
-    edge = x.sign()
-    assert d.protect(edge, a).abs().max() <= 1
+@pytest.mark.parametrize("check", list(DEFENSE_CHECKS))
+@pytest.mark.parametrize("name", REGISTERED)
+def test_defense_contract(name, check, world, tmp_path):
+    if name not in FAST:
+        dist = get_registry().get("defense", name).distribution
+        pytest.fail(f"defense {name!r} (from {dist or 'a plugin'}) is registered but has no fast options in FAST "
+                    "(tests/test_defenses_plugins.py): add a DefenseCase for it")
+    assert make(name).name == name, f"defense {name!r} reports another name"
+    reason = DEFENSE_CHECKS[check](defense_factory(name), FAST[name], world, tmp_path)
+    if reason:
+        pytest.skip(f"{name}: {reason}")
 
 
-@pytest.mark.parametrize("name", sorted(FAST))
-def test_same_seed_same_perturbation(name, world):
-    x, a, models, dets = world
-    p1 = make(name, seed=3).fit(x, a, models, dets).protect(x, a)
-    p2 = make(name, seed=3).fit(x, a, models, dets).protect(x, a)
-    assert torch.equal(p1, p2)
-
-
-@pytest.mark.parametrize("name", RANDOM)
-def test_different_seed_different_perturbation(name, world):
-    x, a, models, dets = world
-    p1 = make(name, seed=0).fit(x, a, models, dets).protect(x, a)
-    p2 = make(name, seed=1).fit(x, a, models, dets).protect(x, a)
-    assert not torch.equal(p1, p2)
-
-
-@pytest.mark.parametrize("name", ["tsdf", "cmua", "found"])
-def test_universal_save_load_round_trip_and_other_sizes(name, world, tmp_path):
+@pytest.mark.parametrize("name", [n for n in REGISTERED if n in FAST and make(n).universal])
+def test_built_in_universal_provenance(name, world, tmp_path):
     x, a, models, dets = world
     d = make(name, seed=0).fit(x, a, models, dets)
-    assert isinstance(d, UniversalDefense) and d.perturbation.shape == (1, 3, 16, 16)
-    path = d.save(tmp_path / f"{name}.pt", note="test")
-    delta, meta = load_perturbation(path)
+    assert d.perturbation.shape == (1, 3, 16, 16)
+    _, meta = load_perturbation(d.save(tmp_path / f"{name}.pt", note="test"))
     assert meta["defense"] == name and meta["note"] == "test" and meta["options"]["eps"] == 0.05
     assert meta["fit_seconds"] >= 0 and meta["models"] == ["m1", "m2"]
-    fresh = make(name, seed=0).load(path)
-    assert torch.equal(fresh.protect(x, a), d.protect(x, a))
-    # a universal perturbation applies to images of another size (resized by the base class)
-    big = F.interpolate(x, size=(24, 20), mode="bilinear", align_corners=False)
-    p = fresh.protect(big)
-    assert p.shape == big.shape and (p - big).abs().max() <= 0.05 + 1e-6
+
+
+def test_a_third_party_defense_gets_the_same_checks():
+    """The example plugin, loaded as a third party would be, passes through check_defense."""
+    reg = Registry([ROOT / "examples" / "example_plugin"], strict=True, entry_points=False)
+    outcome = check_defense("example-checkerboard", registry=reg, options={"period": 2})
+    assert outcome == {"budget_and_range": "ok", "determinism": "ok",
+                       "seed_changes_result": outcome["seed_changes_result"], "save_load": outcome["save_load"]}
+    assert outcome["save_load"].startswith("not applicable")
+
+
+class _OverBudget(Defense):
+    name = "over-budget"
+
+    def protect(self, images, attrs=None):  # skips the base class's clipping
+        return images + 2 * self.eps
+
+
+class _Unseeded(Defense):
+    name = "unseeded"
+
+    def perturbation_for(self, images, attrs=None):
+        return torch.randn(images.shape) * self.eps  # the global RNG, not self.generator()
+
+
+class _BadLoad(UniversalDefense):
+    name = "bad-load"
+
+    def fit(self, images, attrs, models, detectors):
+        self.perturbation = torch.full((1, 3, 16, 16), self.eps)
+        return self
+
+    def load(self, path):  # ignores the file
+        self.perturbation = torch.zeros(1, 3, 16, 16)
+        return self
+
+
+@pytest.mark.parametrize("defense,message", [
+    (_OverBudget, "exceeds the budget"),
+    (_Unseeded, "same seed gave a different perturbation"),
+    (_BadLoad, "loaded perturbation protects differently"),
+])
+def test_check_defense_catches_a_broken_defense(defense, message, world):
+    with pytest.raises(AssertionError, match=message):
+        check_defense(defense, world=world)
+
+
+def test_check_defense_accepts_a_registry_entry(world):
+    entry = DefenseEntry("noise-entry", "noise", get_registry().get("defense", "noise").factory)
+    assert check_defense(entry, seeded=True, world=world)["seed_changes_result"] == "ok"
 
 
 def test_universal_perturbation_is_shared_by_all_images(world):

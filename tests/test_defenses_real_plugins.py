@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+from test_defenses_plugins import FAST, REGISTERED
 from tsdf_bench.plugins import get_registry
+from tsdf_bench.testing import ToyWorld, check_budget_and_range, defense_factory
 
 
 @pytest.fixture(scope="module")
@@ -17,18 +19,13 @@ def real():
     return reg, x, [model], [det]
 
 
-@pytest.mark.parametrize("name,opts", [
-    ("tsdf", dict(passes=1, batch_size=2, poison_steps=2, step=0.005)),
-    ("cmua", dict(batch_size=2, iterations=2, joint_targets=True)),
-    ("found", dict(passes=1, batch_size=2)),
-    ("pgd", dict(iterations=2)),
-    ("facepoison", dict(iterations=2, importance_masks=1)),
-])
-def test_real_plugins_budget(real, name, opts):
+@pytest.mark.parametrize("name", REGISTERED)
+def test_real_plugins_budget(real, name):
+    """Every registered defense, with FAST's options, keeps the budget and range on the real plugins."""
     reg, x, models, dets = real
-    d = reg.create("defense", name, **opts).fit(x, None, models, dets)
-    p = d.protect(x)
-    assert (p - x).abs().max() <= 0.05 + 1e-6 and (p - x).abs().max() > 0.01
+    if name not in FAST:
+        pytest.fail(f"defense {name!r} has no fast options in FAST (tests/test_defenses_plugins.py)")
+    check_budget_and_range(defense_factory(name, reg), FAST[name], ToyWorld(x, None, models, dets))
 
 
 def test_tsdf_poisoning_reaches_the_real_detector(real):
