@@ -26,6 +26,9 @@ def add_arguments(parser):
     parser.add_argument("--retrain", action="store_true", help="ignore cached weights and train afresh")
     parser.add_argument("--output", default=None, help="also copy weights, manifests and grids into this folder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--curve-every", type=int, default=None,
+                        help="train in increments of this many steps, measuring a curve point after each "
+                             "(tsdf_bench.models.curve; needs --steps)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -47,6 +50,13 @@ def main(args, registry):
     for n in names:
         start = time.time()
         try:
+            if args.curve_every:
+                from ..models.curve import train_with_curve
+
+                if not args.steps:
+                    raise ConfigError("--curve-every needs --steps (the final number of joint steps)")
+                train_with_curve(n, args.steps, args.curve_every, scale=args.scale, seed=args.seed,
+                                 progress=not args.no_progress)  # then get_model loads the result
             zoo.get_model(n, scale=args.scale, registry=registry, steps=args.steps, seed=args.seed,
                           progress=not args.no_progress, retrain=args.retrain)
         except (TsdfBenchError, ImportError) as exc:
