@@ -38,6 +38,13 @@ class Defense:
         self.models: list = []
         self.detectors: list = []
 
+    @property
+    def info(self) -> dict:
+        """What a result row should show about this defense (JSON-friendly): its constructor
+        options as given (``self.options``, when the subclass records them).  Subclasses add
+        what they resolve while fitting (CMUA: ``model_order``)."""
+        return {"defense_options": dict(getattr(self, "options", {}) or {})}
+
     def generator(self) -> torch.Generator:
         """A seeded CPU generator: the same seed gives the same perturbation."""
         return torch.Generator().manual_seed(self.seed)
