@@ -105,10 +105,27 @@ def test_cli_plugins_dir_before_or_after_command(tmp_path):
     for args in (["--plugins-dir", str(tmp_path), "plugins", "--json"], ["plugins", "--json", "--plugins-dir", str(tmp_path)]):
         out = run_cli(*args)
         assert out.returncode == 0, out.stderr
-        rows = json.loads(out.stdout[: out.stdout.rindex("]") + 1])
+        rows = json.loads(out.stdout)
         assert {"kind": "defense", "name": "cli-zero"}.items() <= next(r for r in rows if r["name"] == "cli-zero").items()
         assert all(set(r) >= {"kind", "name", "description", "distribution", "version"} for r in rows)
         assert all(r["kind"] in KINDS for r in rows)
+
+
+def test_cli_broken_plugin_keeps_json_clean_and_warns_once_on_stderr(tmp_path):
+    write(tmp_path, "broken", "import no_such_module_xyz\n")
+    write(tmp_path, "mine", GOOD.format(name="cli-ok"))
+    out = run_cli("--plugins-dir", str(tmp_path), "plugins", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)  # the whole of stdout is the JSON array
+    assert any(r["name"] == "cli-ok" for r in rows)
+    lines = [line for line in out.stderr.splitlines() if "broken.py" in line]
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("tsdf-bench: warning: plugin file ") and "ModuleNotFoundError" in lines[0]
+    # not Python's warnings format ("file:line: PluginWarning: ..." followed by the source line)
+    assert "PluginWarning" not in out.stderr and "warnings.warn" not in out.stderr
+    table = run_cli("--plugins-dir", str(tmp_path), "plugins")
+    assert "cli-ok" in table.stdout and "broken.py" not in table.stdout
+    assert table.stderr.count("broken.py") == 1
 
 
 def test_example_plugin_through_plugins_dir():
@@ -132,10 +149,10 @@ def test_example_plugin_as_installed_distribution(tmp_path):
     env = {"PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
     out = run_cli("plugins", "--json", env=env)
     assert out.returncode == 0, out.stderr
-    rows = json.loads(out.stdout[: out.stdout.rindex("]") + 1])
+    rows = json.loads(out.stdout)
     mine = [r for r in rows if r["distribution"] == "tsdf-bench-example-plugin"]
     assert {(r["kind"], r["name"]) for r in mine} == {("defense", "example-checkerboard"), ("metric", "example-energy")}
     assert all(r["version"] == "0.1.0" for r in mine)
     # without the distribution on the path the example is not there
-    plain = json.loads(run_cli("plugins", "--json").stdout.split("\nwarning")[0])
+    plain = json.loads(run_cli("plugins", "--json").stdout)
     assert not any(r["name"] == "example-checkerboard" for r in plain)

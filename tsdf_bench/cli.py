@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from .errors import TsdfBenchError
 
@@ -40,13 +41,31 @@ def build_parser():
     return parser
 
 
+def load_registry(plugins_dirs, strict):
+    """The session's registry; each broken-plugin warning goes to stderr once, as one plain line.
+
+    (Python's warnings format would add the warning's source line, and stdout must stay clean
+    for ``--json``.)  Other warnings raised while plugins import are passed on unchanged.
+    """
+    from .plugins import PluginWarning, get_registry
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PluginWarning)
+        registry = get_registry(plugins_dirs, strict=strict)
+    for w in caught:
+        if issubclass(w.category, PluginWarning):
+            print(f"tsdf-bench: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return registry
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .plugins import get_registry
 
     try:
-        registry = get_registry(args.plugins_dir, strict=True if args.strict_plugins else None)
+        registry = load_registry(args.plugins_dir, True if args.strict_plugins else None)
         return int(args._module.main(args, registry) or 0)
     except TsdfBenchError as exc:
         print(f"tsdf-bench {args.command}: error: {exc}", file=sys.stderr)
