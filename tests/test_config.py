@@ -141,3 +141,98 @@ def test_shipped_configs_match_the_builtin_plugins(name):
     cfg = load_config(ROOT / "configs" / name)
     check_names(cfg, registry)
     check_options(cfg, registry)
+
+
+PATHS = """
+[run]
+scale = "paper"
+
+[data]
+source = "celeba"
+path = "data/celeba"
+attr_csv = "labels.csv"
+
+[models]
+names = ["stargan", "hisd"]
+
+[models.stargan]
+checkpoint = "ckpt/200000-G.ckpt"
+
+[models.hisd]
+checkpoint = "~/hisd/gen_00600000.pt"
+reference = "$TSDF_TEST_REFS/reference_glasses_2.jpg"
+discriminator_checkpoint = "${TSDF_TEST_REFS}/dis.pt"
+
+[defenses]
+names = ["none"]
+
+[detectors]
+names = ["s3fd"]
+
+[detectors.s3fd]
+checkpoint = "../weights/s3fd.pth"
+score_threshold = 0.5
+"""
+
+
+def test_paths_resolve_against_the_config_folder_with_home_and_vars(tmp_path, monkeypatch):
+    monkeypatch.setenv("TSDF_TEST_REFS", str(tmp_path / "refs"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "paper.toml").write_text(PATHS)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("configs/paper.toml")  # a relative config path, from another cwd
+    assert cfg.data.path == str(folder / "data" / "celeba")
+    assert cfg.data.attr_csv == str(folder / "data" / "celeba" / "labels.csv")  # not beside the config: in path
+    assert cfg.models.options["stargan"]["checkpoint"] == str(folder / "ckpt" / "200000-G.ckpt")
+    hisd = cfg.models.options["hisd"]
+    assert hisd["checkpoint"] == str(tmp_path / "home" / "hisd" / "gen_00600000.pt")
+    assert hisd["reference"] == str(tmp_path / "refs" / "reference_glasses_2.jpg")
+    assert hisd["discriminator_checkpoint"] == str(tmp_path / "refs" / "dis.pt")
+    assert cfg.detectors.options["s3fd"] == {"checkpoint": str(tmp_path / "weights" / "s3fd.pth"),
+                                             "score_threshold": 0.5}
+    assert cfg.run.output == "runs"  # an output location, not an input: stays as written
+    # a labels file beside the config wins over the data folder
+    (folder / "labels.csv").write_text("path,Young\n")
+    assert load_config(folder / "paper.toml").data.attr_csv == str(folder / "labels.csv")
+    # the stored copy (absolute paths) reads back the same from anywhere
+    stored = tmp_path / "elsewhere" / "config.toml"
+    stored.parent.mkdir()
+    stored.write_text(to_toml(cfg))
+    again = load_config(stored)
+    assert again.to_dict() == cfg.to_dict() and again.hash == cfg.hash
+
+
+def test_dict_config_paths_resolve_against_the_cwd(tmp_path, monkeypatch):
+    from tsdf_bench.config import from_dict
+
+    monkeypatch.chdir(tmp_path)
+    cfg = from_dict({"data": {"source": "folder", "path": "photos"}, "models": {"names": ["hisd"], "hisd": {
+        "reference": "ref.jpg", "steps": 3}}, "defenses": {"names": ["none"]}})
+    assert cfg.data.path == str(tmp_path / "photos")
+    assert cfg.models.options["hisd"] == {"reference": str(tmp_path / "ref.jpg"), "steps": 3}
+    assert cfg.replace(run__device="cpu").data.path == str(tmp_path / "photos")
+
+
+def test_unset_variable_in_a_path_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("TSDF_TEST_NOPE", raising=False)
+    path = tmp_path / "c.toml"
+    path.write_text(PATHS.replace("${TSDF_TEST_REFS}", "$TSDF_TEST_NOPE").replace("$TSDF_TEST_REFS", "/r"))
+    with pytest.raises(ConfigError, match=r"\[models.hisd\] discriminator_checkpoint .* uses \$TSDF_TEST_NOPE, "
+                                          r"which is not set"):
+        load_config(path)
+
+
+def test_check_files_option_is_validated_and_not_hashed(tmp_path):
+    base = PATHS.replace("$TSDF_TEST_REFS", "/r").replace("${TSDF_TEST_REFS}", "/r")
+    path = tmp_path / "c.toml"
+    path.write_text(base)
+    default = load_config(path)
+    assert default.data.check_files == "used"
+    path.write_text(base.replace('attr_csv = "labels.csv"', 'attr_csv = "labels.csv"\ncheck_files = "all"'))
+    full = load_config(path)
+    assert full.data.check_files == "all" and full.hash == default.hash
+    path.write_text(base.replace('attr_csv = "labels.csv"', 'check_files = "some"'))
+    with pytest.raises(ConfigError, match=r'check_files = .some.; use "used"'):
+        load_config(path)

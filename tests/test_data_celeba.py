@@ -107,7 +107,7 @@ def test_missing_paths_are_named(celeba_root, tmp_path):
 def test_missing_image_is_reported(celeba_root):
     (celeba_root / "img_align_celeba" / "000026.jpg").unlink()
     with pytest.raises(DatasetError, match="missing, e.g. 000026.jpg"):
-        CelebA(celeba_root, "test", train_end=20, test_start=23)
+        CelebA(celeba_root, "test", train_end=20, test_start=23, check_files="all")
     ds = CelebA(celeba_root, "test", train_end=20, test_start=23, check_files=False)
     with pytest.raises(ImageError, match="000026.jpg: listed in list_attr_celeba.txt but missing"):
         ds[2]
@@ -119,3 +119,25 @@ def test_count_mismatch_is_an_error(celeba_root):
     path.write_text("\n".join(lines[:-3]) + "\n")
     with pytest.raises(DatasetError, match="says 30 images but 27 rows"):
         read_attr_file(path)
+
+
+def test_check_files_used_needs_only_the_images_a_run_reads(celeba_root):
+    """Default ``check_files="used"``: a run reading 3 train and 2 test images needs those 5 files,
+    not the whole split; ``"all"`` is the full up-front check."""
+    keep = {"000001.jpg", "000002.jpg", "000003.jpg", "000024.jpg", "000025.jpg"}
+    for p in (celeba_root / "img_align_celeba").iterdir():
+        if p.name not in keep:
+            p.unlink()
+    train = CelebA(celeba_root, "train", train_end=20, test_start=23)
+    test = CelebA(celeba_root, "test", train_end=20, test_start=23, check_files="used")
+    assert train.check_files == "used" and len(train) == 20 and len(test) == 7
+    assert train.faceset(n=3).ids == ["000001.jpg", "000002.jpg", "000003.jpg"]
+    test.require([0, 1])
+    assert test[1][0].shape == (3, 256, 256)
+    with pytest.raises(DatasetError, match=r"2 of the 4 image\(s\) this run reads .* missing, e.g. 000026.jpg, 000027.jpg"):
+        test.faceset(n=4)
+    for split, count in (("train", 17), ("test", 5)):
+        with pytest.raises(DatasetError, match=f"{count} image\\(s\\) listed in list_attr_celeba.txt .* missing"):
+            CelebA(celeba_root, split, train_end=20, test_start=23, check_files="all")
+    with pytest.raises(DatasetError, match='use "used"'):
+        CelebA(celeba_root, "train", train_end=20, check_files="some")

@@ -32,11 +32,26 @@ Layout (every table but ``[models]`` and ``[defenses]`` is optional)::
                    [adaptations.<name>] options
     [metrics]      names (default: every registered metric); [metrics.<name>] options
 
+Paths.  Every option that names a file or folder -- ``[data] path`` and ``attr_csv``, and in any
+plugin table the keys ``checkpoint``, ``reference``, ``path`` and those ending in
+``_checkpoint``, ``_path``, ``_file`` or ``_dir`` (``[models.stargan] checkpoint``,
+``[models.hisd] reference``, ``[detectors.s3fd] checkpoint``) -- has ``~`` and ``$VAR`` /
+``${VAR}`` expanded (an unset variable is an error) and, when still relative, is resolved
+against the folder of the config file (:func:`load_config`), or against the current directory
+for a config given as a dict (:func:`from_dict`).  The resolved config holds absolute paths, so
+the copy stored with a run reads back the same from anywhere.  A relative ``attr_csv`` that is
+not in the config's folder is looked up in ``[data] path`` (its older meaning: a name inside the
+image folder).  ``[run] output`` and ``publish`` are where results are written, not inputs: they
+stay relative to the current directory.
+
+``[data] check_files`` ("used", default, or "all"; CelebA only, see
+:mod:`tsdf_bench.data.celeba`) decides which images must exist; like ``output`` it is not hashed.
+
 ``source = "synthetic"`` is seeded random smooth images with random attributes: it exists for
 tests of the harness only and says nothing about faces.
 
 The config hash is the sha256 of the canonical JSON of the resolved config *without*
-``run.output`` and ``run.publish`` (where results are written does not change them) and
+``data.check_files``, ``run.output`` and ``run.publish`` (where results are written does not change them) and
 ``run.optimize`` (the optimised and straightforward paths compute the same rows up to float
 rounding, so their rows are comparable; each row records the path in its ``optimize``
 provenance field); ``--resume`` requires it to match.
@@ -47,6 +62,8 @@ import copy
 import difflib
 import hashlib
 import json
+import os
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -83,6 +100,7 @@ class DataSection:
     protocol: str = "cmua"  # CelebA split protocol: "cmua", "stargan" or "official"
     attributes: list[str] = field(default_factory=list)  # label columns to load (default: AttGAN's 13)
     attr_csv: str = ""  # folder source: a CSV of 0/1 labels (path, or a name relative to path)
+    check_files: str = "used"  # CelebA: "used" (only the images read must exist) or "all"; not hashed
 
 
 @dataclass
@@ -178,6 +196,7 @@ class RunConfig:
         data = self.to_dict()
         for key in ("output", "publish", "optimize"):
             data["run"].pop(key, None)
+        data["data"].pop("check_files", None)  # which files are checked does not change a row
         return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def white_box_detectors(self, differentiable: dict[str, bool]) -> list[str]:
@@ -251,11 +270,66 @@ def _check_type(value, key, table, where, annotation):
     return value
 
 
-def from_dict(data: dict, source: str = "<dict>") -> RunConfig:
-    """Resolve and validate a parsed TOML document (see the module docstring for the layout)."""
+PATH_KEYS = ("checkpoint", "reference", "path")
+PATH_SUFFIXES = ("_checkpoint", "_path", "_file", "_dir")
+_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def is_path_option(key: str) -> bool:
+    """Whether a plugin option named ``key`` is a path (resolved as the module docstring says)."""
+    return key in PATH_KEYS or key.endswith(PATH_SUFFIXES)
+
+
+def expand_path(value: str, base_dir, what: str) -> str:
+    """``value`` with ``$VAR``/``${VAR}`` and ``~`` expanded, made absolute against ``base_dir``;
+    ``""`` stays ``""``.  An unset variable is a :class:`ConfigError` naming ``what``."""
+    if not value:
+        return value
+    unset = [m.group(1).strip("{}") for m in _VAR.finditer(value) if m.group(1).strip("{}") not in os.environ]
+    if unset:
+        raise ConfigError(f"{what} = {value!r} uses ${unset[0]}, which is not set in the environment; "
+                          f"set it (export {unset[0]}=...) or write the path out")
+    path = os.path.expanduser(os.path.expandvars(value))
+    if not os.path.isabs(path):
+        path = os.path.join(os.fspath(base_dir), path)
+    return os.path.normpath(path)
+
+
+def resolve_paths(data: dict, base_dir, where: str) -> dict:
+    """A copy of the parsed document with every path option resolved (see the module docstring)."""
+    data = copy.deepcopy(data)
+    section = data.get("data")
+    if isinstance(section, dict):
+        for key in ("path", "attr_csv"):
+            value = section.get(key)
+            if isinstance(value, str) and value:
+                resolved = expand_path(value, base_dir, f"{where}: [data] {key}")
+                if key == "attr_csv" and not os.path.isabs(os.path.expanduser(os.path.expandvars(value))) \
+                        and not os.path.exists(resolved) and section.get("path"):
+                    # the older meaning: a name inside the image folder ([data] path, already resolved)
+                    resolved = os.path.normpath(os.path.join(section["path"], os.path.expandvars(value)))
+                section[key] = resolved
+    for table in PLUGIN_KIND:
+        section = data.get(table)
+        if not isinstance(section, dict):
+            continue
+        for name, options in section.items():
+            if not isinstance(options, dict):
+                continue
+            for key, value in options.items():
+                if is_path_option(key) and isinstance(value, str) and value:
+                    options[key] = expand_path(value, base_dir, f"{where}: [{table}.{name}] {key}")
+    return data
+
+
+def from_dict(data: dict, source: str = "<dict>", base_dir=None) -> RunConfig:
+    """Resolve and validate a parsed TOML document (see the module docstring for the layout).
+
+    Relative paths resolve against ``base_dir`` (default: the current directory)."""
     where = source
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: a run config is a TOML document of tables")
+    data = resolve_paths(data, Path.cwd() if base_dir is None else Path(base_dir), where)
     for table in data:
         if table not in SECTIONS:
             raise ConfigError(f"{where}: unknown table [{table}].{_closest(table, SECTIONS)} "
@@ -318,6 +392,9 @@ def _check_values(cfg: RunConfig, where: str):
             raise ConfigError(f"{where}: [data] {key} must be >= 1, got {getattr(d, key)}")
     if d.n_collect < 0:
         raise ConfigError(f"{where}: [data] n_collect must be >= 0, got {d.n_collect}")
+    if d.check_files not in ("used", "all"):
+        raise ConfigError(f"{where}: [data] check_files = {d.check_files!r}; use \"used\" (only the images the "
+                          "run reads must exist, the default) or \"all\" (every image of the CelebA splits)")
     if cfg.detectors.crop not in ("margin", "align"):
         raise ConfigError(f"{where}: [detectors] crop = {cfg.detectors.crop!r}; use \"margin\" (a square around "
                           "the box) or \"align\" (5-landmark alignment)")
@@ -342,7 +419,7 @@ def load_config(path) -> RunConfig:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a UTF-8 text file: {exc}") from exc
-    return from_dict(data, source=str(path))
+    return from_dict(data, source=str(path), base_dir=path.resolve().parent)
 
 
 def check_names(cfg: RunConfig, registry) -> None:

@@ -17,6 +17,13 @@ Protocols (split boundaries are arguments; the defaults are the papers' values):
   train.  Transform CenterCrop(178) -> Resize(image_size).  The permutation depends only on the
   row count, so it matches StarGAN's exactly when the file has the official 202,599 rows.
 * ``"official"``: ``list_eval_partition.txt`` (splits train / val / test), CenterCrop(178).
+
+File checks (``check_files``, the config's ``[data] check_files``): ``"used"`` (default) checks
+only the images a run reads -- :meth:`CelebA.require` for a list of rows, done by
+:meth:`CelebA.faceset` before it reads, and each read names a missing file -- so a 5-image run
+needs 5 images (plus the two text files); ``"all"`` lists ``img_align_celeba/`` once and fails
+at construction if any row of the split has no image (182,000 train + 19,962 test files under
+the CMUA protocol).
 """
 from __future__ import annotations
 
@@ -36,6 +43,17 @@ CMUA_TEST_START = 182637
 STARGAN_TEST_COUNT = 1999
 STARGAN_SEED = 1234
 CROP_SIZES = {"cmua": 170, "stargan": 178, "official": 178}
+CHECK_FILES = ("used", "all")
+
+
+def check_files_mode(value) -> str:
+    """``"used"`` or ``"all"`` (``True`` is ``"all"``, ``False`` ``"used"``, the older bool form)."""
+    if value is True or value is False:
+        return "all" if value else "used"
+    if value not in CHECK_FILES:
+        raise DatasetError(f"check_files = {value!r}; use \"used\" (only the images the run reads must exist) "
+                           "or \"all\" (every image of the split, checked up front)")
+    return value
 
 
 def read_attr_file(path) -> tuple[list[str], list[str], torch.Tensor]:
@@ -140,7 +158,9 @@ class CelebA(torch.utils.data.Dataset):
         crop_size: CenterCrop side before resizing; default 170 (cmua) or 178 (stargan/official).
         train_end, test_start, stargan_test_count: split boundaries (paper values by default;
             smaller values let a test use a tiny CelebA-format folder).
-        check_files: list ``img_align_celeba/`` once and fail if a row of this split has no image.
+        check_files: ``"used"`` (default): only images that are read must exist (checked by
+            :meth:`require` / :meth:`faceset` before reading); ``"all"``: list
+            ``img_align_celeba/`` once and fail here if a row of this split has no image.
 
     Example::
 
@@ -151,9 +171,10 @@ class CelebA(torch.utils.data.Dataset):
     def __init__(self, root, split: str = "test", protocol: str = "cmua", image_size: int = 256,
                  attrs: Sequence[str] = STARGAN_ATTRS, crop_size: int | None = None, *,
                  train_end: int = CMUA_TRAIN_END, test_start: int = CMUA_TEST_START,
-                 stargan_test_count: int = STARGAN_TEST_COUNT, check_files: bool = True,
+                 stargan_test_count: int = STARGAN_TEST_COUNT, check_files: str | bool = "used",
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         self.root = Path(root).expanduser()
+        self.check_files = check_files_mode(check_files)
         if protocol not in PROTOCOLS:
             raise DatasetError(f"unknown CelebA protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if not self.root.is_dir():
@@ -182,13 +203,25 @@ class CelebA(torch.utils.data.Dataset):
         self.files = [files[i] for i in rows]
         self.attrs = table[rows][:, cols] if rows else torch.zeros(0, len(cols))
         self.max_pixels = max_pixels
-        if check_files:
+        if self.check_files == "all":
             present = {p.name for p in self.image_dir.iterdir()}
             missing = [f for f in self.files if f not in present]
             if missing:
                 raise DatasetError(
                     f"{self.image_dir}: {len(missing)} image(s) listed in list_attr_celeba.txt for "
-                    f"the {protocol} {split} split are missing, e.g. {', '.join(missing[:3])}")
+                    f"the {protocol} {split} split are missing, e.g. {', '.join(missing[:3])} "
+                    "(check_files = \"all\"; with \"used\" only the images a run reads must exist)")
+
+    def require(self, indices) -> None:
+        """Fail with one :class:`DatasetError` naming every image among rows ``indices`` of this
+        split that is missing (the ``"used"`` check: one ``stat`` per image)."""
+        indices = list(indices)
+        missing = [self.files[i] for i in indices if not (self.image_dir / self.files[i]).is_file()]
+        if missing:
+            raise DatasetError(
+                f"{self.image_dir}: {len(missing)} of the {len(indices)} image(s) this run reads from the "
+                f"{self.protocol} {self.split} split are missing, e.g. {', '.join(missing[:3])}; copy them "
+                "into img_align_celeba/ or lower n_train_defense / n_collect / n_eval")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -204,6 +237,7 @@ class CelebA(torch.utils.data.Dataset):
         """Load images ``start .. start+n`` of the split (all when ``n`` is None) as a FaceSet."""
         stop = len(self) if n is None else min(len(self), start + int(n))
         idx = list(range(start, stop))
+        self.require(idx)
         images = torch.stack([self[i][0] for i in idx]) if idx else \
             torch.zeros(0, 3, self.image_size, self.image_size)
         return FaceSet(images, self.attrs[idx] if idx else torch.zeros(0, len(self.attr_names)),
