@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tsdf_bench import get_registry
-from tsdf_bench.errors import CheckpointError
+from tsdf_bench.errors import CheckpointError, ConfigError
 from tsdf_bench.models import checkpoints, zoo
 
 
@@ -163,3 +163,39 @@ def test_wrong_scale_names_the_scale_that_fits(tmp_path):
     torch.save(_model("attgan", "demo").official_state_dict(), path)
     with pytest.raises(CheckpointError, match="fits attgan at scale 'demo'"):
         get_registry().create("model", "attgan", scale="smoke", checkpoint=str(path))
+
+
+def test_paper_model_without_checkpoint_is_an_error_unless_random_init(tmp_path):
+    reg = get_registry()
+    with pytest.raises(ConfigError) as err:
+        checkpoints.model_options("attgan", "paper", {}, reg)
+    msg = str(err.value)
+    assert "[models.attgan]" in msg and "'attgan'" in msg and "without a checkpoint" in msg
+    assert 'checkpoint = "/path/to/weights.199.pth' in msg and "random_init = true" in msg
+    options, random_init = checkpoints.model_options("attgan", "paper", {"random_init": True}, reg)
+    assert options == {} and random_init is True
+    path = tmp_path / "g.ckpt"
+    torch.save(_model("stargan").official_state_dict(), path)
+    assert checkpoints.model_options("stargan", "paper", {"checkpoint": str(path)}) == ({"checkpoint": str(path)},
+                                                                                         False)
+    assert checkpoints.model_options("stargan", "demo", {}) == ({}, False)  # demo: trained on first use
+    for bad, match in (({"random_init": True, "checkpoint": str(path)}, "both"),
+                       ({"random_init": "yes"}, "true or false")):
+        with pytest.raises(ConfigError, match=match):
+            checkpoints.model_options("stargan", "paper", bad)
+    with pytest.raises(ConfigError, match="scale 'paper' only"):
+        checkpoints.model_options("stargan", "smoke", {"random_init": True})
+
+
+def test_create_model_records_random_init_and_the_checkpoint_file(tmp_path):
+    reg = get_registry()
+    with pytest.raises(ConfigError, match="without a checkpoint"):
+        checkpoints.create_model(reg, "stargan", "paper", {})
+    path = tmp_path / "g.ckpt"
+    torch.save(_model("stargan").official_state_dict(), path)
+    model = checkpoints.create_model(reg, "stargan", "smoke", {"checkpoint": str(path)})
+    assert model.random_init is False
+    assert model.checkpoint_record == {"random_init": False, "checkpoint_path": str(path.resolve()),
+                                       "checkpoint_sha256": checkpoints.sha256_file(path)}
+    bare = checkpoints.create_model(reg, "stargan", "smoke", {})
+    assert bare.checkpoint_record == {"random_init": False, "checkpoint_path": "", "checkpoint_sha256": ""}

@@ -259,3 +259,76 @@ def package_versions() -> dict:
         except md.PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+# -- creating a model from a config: no silent random weights at paper scale ---------------
+def _plugin_class(registry, name):
+    """The class behind the registered model ``name`` (a lazy factory is imported), or None."""
+    if registry is None:
+        return None
+    try:
+        factory = registry.get("model", name).factory
+        target = getattr(factory, "target", None)
+        if target:
+            import importlib
+
+            module, _, attr = target.partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return factory if isinstance(factory, type) else None
+    except Exception:  # noqa: BLE001 - only used for the hint in an error message
+        return None
+
+
+def model_options(name: str, scale: str, options: dict, registry=None) -> tuple[dict, bool]:
+    """``(options for the plugin, random_init)`` from a ``[models.<name>]`` table.
+
+    Pops ``random_init`` (the plugins do not take it).  At paper scale a model without
+    ``checkpoint`` is a :class:`ConfigError` naming the model, the option and the fix, unless
+    ``random_init = true`` (the randomly initialised architecture, on purpose; rows should then
+    record ``random_init``).  ``random_init`` with a checkpoint, or at another scale (demo/smoke
+    models are trained on first use; ``[models] train = false`` keeps them untrained), is an error.
+    """
+    options = dict(options)
+    random_init = options.pop("random_init", False)
+    table = f"[models.{name}]"
+    if not isinstance(random_init, bool):
+        raise ConfigError(f"{table} random_init must be true or false, got {random_init!r}")
+    checkpoint = options.get("checkpoint")
+    if random_init and checkpoint:
+        raise ConfigError(f"{table} has both checkpoint = {checkpoint!r} and random_init = true; keep one "
+                          "(random_init = true runs the randomly initialised architecture)")
+    if random_init and scale != "paper":
+        raise ConfigError(f"{table} random_init = true is for scale 'paper' only (this run is {scale!r}: its models "
+                          "are trained on first use, or used untrained with [models] train = false)")
+    if scale == "paper" and not checkpoint and not random_init:
+        official = getattr(_plugin_class(registry, name), "official_checkpoint_file", "")
+        raise ConfigError(
+            f"{table}: model {name!r} runs at scale 'paper' without a checkpoint, so it would run with random "
+            f"weights. Fix: set {table} checkpoint = \"/path/to/{official or 'the official generator weights'}\", "
+            f"or random_init = true to run the randomly initialised architecture on purpose (rows record "
+            f"random_init = true)")
+    return options, random_init
+
+
+def checkpoint_record(options: dict, random_init: bool = False) -> dict:
+    """What a row records about a model's weights: ``{"random_init", "checkpoint_path",
+    "checkpoint_sha256"}`` (path and sha256 of the *file*; empty without a checkpoint)."""
+    path = options.get("checkpoint")
+    if not path:
+        return {"random_init": bool(random_init), "checkpoint_path": "", "checkpoint_sha256": ""}
+    path = Path(path).expanduser()
+    return {"random_init": bool(random_init), "checkpoint_path": str(path.resolve()),
+            "checkpoint_sha256": sha256_file(path) if path.is_file() else ""}
+
+
+def create_model(registry, name: str, scale: str, options: dict, **extra):
+    """:func:`model_options` then ``registry.create("model", name, scale=scale, **options, **extra)``.
+
+    The model gets ``random_init`` and ``checkpoint_record`` (see :func:`checkpoint_record`)
+    attributes, for the rows.
+    """
+    options, random_init = model_options(name, scale, options, registry)
+    model = registry.create("model", name, scale=scale, **options, **extra)
+    model.random_init = random_init
+    model.checkpoint_record = checkpoint_record(options, random_init)
+    return model

@@ -21,6 +21,7 @@ class AttentionGAN(StarGAN):
     :meth:`generate_parts` also returns the attention and content maps."""
 
     name = "attentiongan"
+    official_checkpoint_file = "celeba_256_pretrained/200000-G.ckpt"
     out_channels, tanh = 4, False
 
     def generate_parts(self, x, condition):

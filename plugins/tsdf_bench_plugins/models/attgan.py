@@ -69,6 +69,7 @@ class AttGAN(DeepfakeModel):
     """
 
     name = "attgan"
+    official_checkpoint_file = "weights.199.pth of 256_shortcut1_inject0_none"
     attributes = ATTRIBUTES
     train_defaults = {"lr_g": 2e-4, "lr_d": 2e-4, "betas": (0.5, 0.999), "n_critic": 5}
     thres_int, test_int = 0.5, 1.0
