@@ -20,8 +20,8 @@ def photos(tmp_path):
     src.mkdir()
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(src / "a.png")
-    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(src / "b.jpg")
-    Image.fromarray(rng.integers(0, 256, (18, 18, 3), dtype=np.uint8)).save(src / "b.png")  # name clash
+    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(src / "b.jpg")
+    Image.fromarray(rng.integers(0, 256, (22, 22, 3), dtype=np.uint8)).save(src / "b.png")  # same stem
     (src / "broken.png").write_bytes(b"\x89PNG not really")
     (src / "notes.txt").write_text("not a photo")
     return src
@@ -43,7 +43,10 @@ def test_protect_noise_end_to_end(photos, tmp_path, capsys):
     assert [f["input"] for f in record["skipped"]] == ["notes.txt"]
     outputs = {f["input"]: f for f in record["files"]}
     assert set(outputs) == {"a.png", "b.jpg", "b.png"}
-    assert len({f["output"] for f in record["files"]}) == 3  # b.jpg and b.png both kept
+    # every output is named after its full input name: b.jpg and b.png both kept, unambiguously
+    assert {n: f["output"] for n, f in outputs.items()} == {"a.png": "a.png.png", "b.jpg": "b.jpg.png",
+                                                           "b.png": "b.png.png"}
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.png.png", "b.jpg.png", "b.png.png"]
     for name, f in outputs.items():
         assert f["output_sha256"] == protect.sha256_file(out / f["output"])
         assert f["input_sha256"] == protect.sha256_file(photos / name)
@@ -58,6 +61,29 @@ def test_protect_noise_end_to_end(photos, tmp_path, capsys):
     assert "already exist" in capsys.readouterr().err
     assert cli_main(["protect", "--defense", "noise", "--input", str(photos), "--output", str(out),
                      "--overwrite", "--seed", "1"]) == 1
+
+
+def test_protect_refuses_an_image_too_small_for_a_face(photos, tmp_path, capsys):
+    Image.fromarray(np.zeros((1, 1, 3), dtype=np.uint8)).save(photos / "dot.png")
+    Image.fromarray(np.zeros((19, 40, 3), dtype=np.uint8)).save(photos / "strip.png")
+    out = tmp_path / "out"
+    assert cli_main(["protect", "--defense", "noise", "--input", str(photos), "--output", str(out)]) == 1
+    record = json.loads((out / protect.RECORD_NAME).read_text())
+    reasons = {f["input"]: f["reason"] for f in record["failures"]}
+    assert reasons["dot.png"] == "image too small to hold a face: 1x1 pixels; the minimum is 20x20"
+    assert reasons["strip.png"] == "image too small to hold a face: 40x19 pixels; the minimum is 20x20"
+    assert not (out / "dot.png.png").exists() and not (out / "strip.png.png").exists()
+    assert {f["input"] for f in record["files"]} == {"a.png", "b.jpg", "b.png"}
+    assert "dot.png: image too small to hold a face" in capsys.readouterr().out
+    # a folder of nothing but a 1x1 image is refused, saying the minimum
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    Image.fromarray(np.zeros((1, 1, 3), dtype=np.uint8)).save(lone / "dot.png")
+    assert cli_main(["protect", "--defense", "noise", "--input", str(lone), "--output", str(tmp_path / "o2")]) == 2
+    captured = capsys.readouterr()
+    assert "no usable image" in captured.err and "at least 20x20 pixels" in captured.err
+    assert "dot.png: image too small to hold a face: 1x1 pixels; the minimum is 20x20" in captured.out
+    assert not (tmp_path / "o2").exists()
 
 
 def test_protect_refuses_the_input_folder(photos, capsys):

@@ -4,9 +4,14 @@ Reads every image of ``--input`` (not recursive), adds the defense's perturbatio
 lossless PNG per image to ``--output`` with a JSON record (``protect-record.json``: defense,
 options, perturbation hash and provenance, per-file input/output sha256, failures).  Originals
 are never touched: the output folder must differ from the input folder, and existing outputs
-are refused unless ``--overwrite``.  Unreadable images are reported and skipped (``failures``),
-files whose names are not images are listed (``skipped``); the exit status is 1 when any image
-failed, 0 otherwise.
+are refused unless ``--overwrite``.  Unreadable images and images smaller than
+:data:`MIN_FACE_SIDE` pixels on a side (too small to hold a face) are reported and skipped
+(``failures``), files whose names are not images are listed (``skipped``); the exit status is 1
+when any image failed, 0 otherwise.
+
+Output names: the **full input file name plus ``.png``** (``fine.jpg`` -> ``fine.jpg.png``,
+``fine.png`` -> ``fine.png.png``), always, so every output name says which file it came from
+and two inputs can never share an output, whatever else the folder holds.
 
 Universal defenses (tsdf, cmua, found) need a fitted perturbation (``--perturbation FILE``)
 or fit one on the folder's images with ``--models`` (and ``--detectors`` for TSDF's poisoning);
@@ -29,13 +34,28 @@ from ..models.checkpoints import sha256_file
 
 HELP = "protect a folder of your own photos with a defense (lossless PNGs + a JSON record)"
 RECORD_NAME = "protect-record.json"
+MIN_FACE_SIDE = 20
+"""Smallest width and height accepted: MTCNN's default minimum face (20 px), the attacker's
+default detector; a smaller image cannot hold a face any detector of the benchmark finds."""
+
+
+def too_small(image: torch.Tensor) -> str:
+    h, w = image.shape[-2:]
+    return (f"image too small to hold a face: {w}x{h} pixels; the minimum is "
+            f"{MIN_FACE_SIDE}x{MIN_FACE_SIDE}")
+
+
+def output_name(path: Path) -> str:
+    """``fine.jpg`` -> ``fine.jpg.png``: the full input name, so outputs never collide."""
+    return f"{path.name}.png"
 
 
 def add_arguments(parser):
     parser.add_argument("--defense", required=True, help="defense name (see 'tsdf-bench plugins')")
     parser.add_argument("--input", required=True, type=Path, metavar="DIR", help="folder of photos to protect")
     parser.add_argument("--output", required=True, type=Path, metavar="DIR",
-                        help="folder for the protected PNGs (must not be the input folder)")
+                        help="folder for the protected PNGs, named <input file name>.png, e.g. face.jpg.png "
+                             "(must not be the input folder)")
     parser.add_argument("--perturbation", type=Path, metavar="FILE",
                         help="fitted universal perturbation (.pt from a run or an earlier protect)")
     parser.add_argument("--models", nargs="+", default=[], metavar="NAME",
@@ -107,13 +127,7 @@ def _plan(args, imageio):
     image_set = set(images)
     skipped = [{"input": p.name, "reason": "not an image file name"} for p in sorted(src.iterdir())
                if p.is_file() and not p.name.startswith(".") and p not in image_set]
-    outputs, used = {}, set()
-    for p in images:
-        name = f"{p.stem}.png"
-        if name in used:  # a.jpg and a.png: keep both, named after the full input name
-            name = f"{p.name}.png"
-        used.add(name)
-        outputs[p] = dst / name
+    outputs = {p: dst / output_name(p) for p in images}
     return images, skipped, outputs
 
 
@@ -137,13 +151,19 @@ def main(args, registry):
     failures, good = [], []
     for path in images:
         try:
-            good.append((path, imageio.read_image(path).to(device)))
+            x = imageio.read_image(path)
         except ImageError as exc:
             failures.append({"input": path.name, "reason": exc.reason})
+            continue
+        if min(x.shape[-2:]) < MIN_FACE_SIDE:
+            failures.append({"input": path.name, "reason": too_small(x)})
+            continue
+        good.append((path, x.to(device)))
     for f in skipped + failures:
         print(f"skipped {f['input']}: {f['reason']}")
     if not good:
-        raise TsdfBenchError(f"no readable image in {args.input} ({len(failures) + len(skipped)} file(s) skipped)")
+        raise TsdfBenchError(f"no usable image in {args.input} ({len(failures) + len(skipped)} file(s) skipped; "
+                             f"images must be readable and at least {MIN_FACE_SIDE}x{MIN_FACE_SIDE} pixels)")
 
     models = load_models(args.models, args.scale, device)
     detectors = load_detectors(args.detectors, registry, device)
