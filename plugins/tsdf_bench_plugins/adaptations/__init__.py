@@ -18,3 +18,8 @@ def register_adaptations(register):
                              lazy(f"{_P}.purify:ResizePurification")))
     register(AdaptationEntry("noise", "Purify inputs by adding Gaussian noise (std 0.05).",
                              lazy(f"{_P}.purify:NoisePurification")))
+    register(AdaptationEntry("salt-pepper", "Purify inputs by salt-and-pepper noise (amount 0.01, PDB's per-element draw).",
+                             lazy(f"{_P}.purify:SaltPepperPurification")))
+    register(AdaptationEntry("lora-patch", "LoRA Patching (Qu et al. 2025): train gated low-rank adapters on the generator "
+                             "against PGD-protected inputs, base weights frozen.",
+                             lazy(f"{_P}.lora_patch:LoRAPatchAdaptation")))
