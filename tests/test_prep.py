@@ -1,10 +1,11 @@
+import numpy as np
 import pytest
 import torch
 
 from detector_fixtures import FACE_BOXES, face_crop, portrait_arrays, to_tensor
 from tsdf_bench.detectors.boxes import box_iou
 from tsdf_bench.errors import ConfigError
-from tsdf_bench.prep import DataPreparation, crop_ious, crop_match_rate
+from tsdf_bench.prep import DataPreparation, crop_ious
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def batch():
     return torch.cat([face, noise, torch.zeros(1, 3, 128, 128)])
 
 
-@pytest.mark.parametrize("crop", ["margin", "align"])
+@pytest.mark.parametrize("crop", ["margin", "align", "frame"])
 def test_crops_faces_and_reports_failures(retina, crop):
     attrs = torch.tensor([[1.0], [2.0], [3.0]])
     result = DataPreparation(retina, 64, crop=crop)(batch(), attrs)
@@ -52,15 +53,45 @@ def test_margin_box_and_min_face(retina):
     assert small.failures[0].startswith("face too small")
 
 
-def test_crop_match_rate(retina):
+def test_crop_ious(retina):
     prep = DataPreparation(retina, 32)
     x = batch()
     clean = prep(x)
-    assert crop_match_rate(clean, prep(x)) == 1.0
+    assert crop_ious(clean, prep(x)) == {0: pytest.approx(1.0)}
     blanked = x.clone()
     blanked[0] = 0
     assert crop_ious(clean, prep(blanked)) == {0: 0.0}
-    assert crop_match_rate(clean, prep(blanked)) == 0.0
+
+
+def test_frame_crop_maps_a_framed_face_to_itself(tmp_path, monkeypatch):
+    """The attacker's "frame" crop reproduces the models' framing: unaugmented framed demo faces
+    (the embedded build's canvas, centre crop) come back within a few pixels of the whole image."""
+    from tsdf_bench.data import embedded
+    from tsdf_bench.imageio import read_image_uint8
+    from tsdf_bench_plugins.detectors.mtcnn import MTCNNDetector
+
+    size, faces = 128, [f for f in embedded.read_faces_csv() if f["source"].startswith(("skimage:a", "matplotlib"))]
+    images = []
+    for f in faces:
+        canvas = embedded._face_canvas(read_image_uint8(embedded.locate_source(f["source"])), f["box"], size)
+        m = (canvas.size[0] - size) // 2
+        images.append(torch.tensor(np.array(canvas.crop((m, m, m + size, m + size)))))
+    x = torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    result = DataPreparation(MTCNNDetector(), size, crop="frame")(x)
+    assert result.kept.tolist() == list(range(len(faces)))
+    whole = torch.tensor([0.0, 0.0, size, size])
+    assert (result.crop_boxes - whole).abs().max() < 0.05 * size  # within ~6 px at 128 px
+    margin = DataPreparation(MTCNNDetector(), size, crop="margin")(x)
+    assert (margin.crop_boxes - whole).abs().max() > 0.1 * size  # the old crop zooms in
+
+
+def test_crop_like_cuts_another_version_with_the_same_geometry(retina):
+    prep = DataPreparation(retina, 32, crop="frame")
+    x = batch()
+    result = prep(x)
+    assert torch.equal(prep.crop_like(x, result), result.crops)
+    brighter = (x + 0.1).clamp(-1, 1)
+    assert prep.crop_like(brighter, result).shape == result.crops.shape
 
 
 def test_bad_configuration_is_named(retina):

@@ -28,7 +28,8 @@ Layout (every table but ``[models]`` and ``[defenses]`` is optional)::
                    "align"; see tsdf_bench.prep), white_box (the
                    detectors the defenses are fitted against; default: the differentiable ones
                    of names + attacker); [detectors.<name>] options
-    [adaptations]  names (default ["retrain"]), steps (fine-tuning steps per round);
+    [adaptations]  names (default ["retrain"]), g_steps (the attacker's budget per retraining
+                   round in generator updates; D steps follow the model's n_critic);
                    [adaptations.<name>] options
     [metrics]      names (default: every registered metric); [metrics.<name>] options
 
@@ -156,7 +157,7 @@ class DetectorsSection(PluginSection):
 @dataclass
 class AdaptationsSection(PluginSection):
     names: list[str] = field(default_factory=lambda: ["retrain"])
-    steps: int = 100
+    g_steps: int = 100  # the attacker's budget per retraining round, in generator updates
 
 
 @dataclass
@@ -400,8 +401,8 @@ def _check_values(cfg: RunConfig, where: str):
                           "the box) or \"align\" (5-landmark alignment)")
     if not 0 <= cfg.defenses.eps <= 2:
         raise ConfigError(f"{where}: [defenses] eps = {cfg.defenses.eps} is outside [0, 2] (the [-1, 1] scale)")
-    if cfg.adaptations.steps < 0:
-        raise ConfigError(f"{where}: [adaptations] steps must be >= 0, got {cfg.adaptations.steps}")
+    if cfg.adaptations.g_steps < 0:
+        raise ConfigError(f"{where}: [adaptations] g_steps must be >= 0, got {cfg.adaptations.g_steps}")
     for section in PLUGIN_KIND:
         names = getattr(cfg, section).names
         if len(set(names)) != len(names):

@@ -24,7 +24,13 @@ from .detectors.boxes import box_area, box_iou, square_boxes
 from .detectors.common import check_images
 from .errors import ConfigError
 
-CROPS = ("margin", "align")
+CROPS = ("margin", "align", "frame")
+# "frame": the framing of aligned CelebA after CenterCrop(170), which the embedded demo faces copy
+# (tsdf_bench.data.embedded): the box height is FRAME_FRACTION of the side, and the image centre
+# sits FRAME_SHIFT of the side above the box centre (measured with MTCNN on the framed demo faces:
+# box height 0.58-0.60 of the side, box centre 0.60 down).
+FRAME_FRACTION = 0.6
+FRAME_SHIFT = 0.09
 PICKS = ("largest", "most_confident")
 
 
@@ -60,9 +66,11 @@ class DataPreparation:
     Args:
         detector: a :class:`~tsdf_bench.detectors.base.FaceDetector`.
         output_size: side S of the square crops.
-        crop: ``"margin"`` (square around the box, enlarged by ``margin`` of its side, resized)
-            or ``"align"`` (5-landmark similarity alignment to the ArcFace template; needs a
-            detector with landmarks: mtcnn or retinaface).
+        crop: ``"margin"`` (square around the box, enlarged by ``margin`` of its side, resized),
+            ``"align"`` (5-landmark similarity alignment to the ArcFace template; needs a
+            detector with landmarks: mtcnn or retinaface) or ``"frame"`` (the framing the models
+            expect: side = box height / ``FRAME_FRACTION``, centre ``FRAME_SHIFT`` of the side above
+            the box centre, so an already framed face maps to itself within a few pixels).
         margin: extra side fraction for ``"margin"`` (default 0.2).
         min_score: faces scoring below are ignored (default 0.0: the detector's own threshold).
         min_face: faces whose box side (max of width, height) is below this many pixels are
@@ -129,20 +137,41 @@ class DataPreparation:
         kept_t = torch.tensor(kept, dtype=torch.long)
         boxes_t = torch.stack(boxes)
         landmarks = torch.stack(lms) if lms[0] is not None else None
-        if self.crop == "margin":
-            crop_boxes = square_boxes(boxes_t, self.margin)
-            rois = torch.cat([kept_t[:, None].float(), crop_boxes], 1)
-            crops = bilinear_crops(images, rois, s, supersample=2)
-        else:
+        result = PrepResult(crops=None, kept=kept_t, boxes=boxes_t, crop_boxes=None, scores=torch.stack(scores),
+                            landmarks=landmarks, attrs=None if attrs is None else attrs[kept_t.to(attrs.device)],
+                            failures=failures)
+        result.crops, result.crop_boxes = self._crop(images, result)
+        return result
+
+    def _crop(self, images, result: PrepResult):
+        """``(crops, crop_boxes)`` of ``result``'s kept faces, cut from ``images``."""
+        s, kept = self.output_size, result.kept
+        if self.crop == "align":
             crops, crop_boxes = [], []
-            for i, pts in zip(kept, landmarks):
+            for i, pts in zip(kept.tolist(), result.landmarks):
                 matrix = similarity_matrix(pts.numpy(), s)
                 crops.append(warp_affine(images[i], matrix, s))
                 crop_boxes.append(warped_region_box(matrix, s))
-            crops, crop_boxes = torch.stack(crops), torch.stack(crop_boxes)
-        return PrepResult(crops=crops, kept=kept_t, boxes=boxes_t, crop_boxes=crop_boxes, scores=torch.stack(scores),
-                          landmarks=landmarks, attrs=None if attrs is None else attrs[kept_t.to(attrs.device)],
-                          failures=failures)
+            return torch.stack(crops), torch.stack(crop_boxes)
+        crop_boxes = frame_boxes(result.boxes) if self.crop == "frame" else square_boxes(result.boxes, self.margin)
+        rois = torch.cat([kept[:, None].float(), crop_boxes], 1)
+        return bilinear_crops(images, rois, s, supersample=2), crop_boxes
+
+    def crop_like(self, images: torch.Tensor, result: PrepResult) -> torch.Tensor:
+        """Cut ``images`` (another version of the batch ``result`` came from, e.g. the clean photos)
+        with ``result``'s geometry: the same faces, boxes and landmarks."""
+        images = check_images(images, self.detector.name)
+        if result.kept.numel() == 0:
+            return images.new_zeros(0, 3, self.output_size, self.output_size)
+        return self._crop(images, result)[0]
+
+
+def frame_boxes(boxes: torch.Tensor, fraction: float = FRAME_FRACTION, shift: float = FRAME_SHIFT) -> torch.Tensor:
+    """The ``"frame"`` crop square of each detection box (see :class:`DataPreparation`)."""
+    side = (boxes[..., 3] - boxes[..., 1]) / fraction
+    cx = (boxes[..., 0] + boxes[..., 2]) / 2
+    cy = (boxes[..., 1] + boxes[..., 3]) / 2 - shift * side
+    return torch.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], dim=-1)
 
 
 def crop_ious(clean: PrepResult, protected: PrepResult) -> dict[int, float]:
@@ -153,12 +182,3 @@ def crop_ious(clean: PrepResult, protected: PrepResult) -> dict[int, float]:
     for n, k in enumerate(clean.kept.tolist()):
         out[k] = float(box_iou(clean.crop_boxes[n], protected.crop_boxes[pos[k]])[0, 0]) if k in pos else 0.0
     return out
-
-
-def crop_match_rate(clean: PrepResult, protected: PrepResult, threshold: float = 0.5) -> float:
-    """Share of the images with a clean crop whose protected crop overlaps it with IoU >= ``threshold``
-    (the attacker still gets the right face); NaN if the clean preparation kept nothing."""
-    ious = crop_ious(clean, protected)
-    if not ious:
-        return float("nan")
-    return sum(v >= threshold for v in ious.values()) / len(ious)

@@ -168,6 +168,7 @@ def get_model(name: str, scale: str = "demo", registry=None, train_data=None, st
         if all(manifest.get(k) == _jsonish(v) for k, v in expect.items()) and \
                 manifest.get("sha256") == checkpoints.sha256_file(path):
             checkpoints.load_model_checkpoint(model, path)
+            model.train_recipe = dict(recipe)  # what an attacker fine-tuning it starts from
             model.eval()
             return model
     kwargs = {k: v for k, v in recipe.items() if k != "steps"}
@@ -193,6 +194,7 @@ def get_model(name: str, scale: str = "demo", registry=None, train_data=None, st
             import warnings
 
             warnings.warn(f"could not write the edit grid for {name}: {exc}", stacklevel=2)
+    model.train_recipe = dict(recipe)
     model.eval()
     return model
 

@@ -20,23 +20,28 @@ from tsdf_bench.errors import ConfigError
 class RetrainAdaptation(Adaptation):
     """Fine-tune a deep copy of the model on the attacker's crops.
 
-    Args (all optional): ``batch_size`` (16), ``lr`` / ``lr_d`` (None: the model's
-    ``train_defaults``, else 1e-4), ``n_critic`` (None: model default), ``warmup_d_steps``
-    (None: ``steps // 4``; used only when no discriminator is available: the official
-    checkpoints ship G only, so a fresh D is first trained alone, as TSDF does for HiSD),
-    ``reg_every`` (None: the interval the model was trained with -- a demo-scale model's
-    recipe in :data:`tsdf_bench.models.zoo.DEMO_RECIPES`, lazy regularisation every 4th D step;
-    1, the official every-step penalty, for every other scale).
+    The budget (``adapt(..., steps=g_steps)``) counts **generator updates**; D takes ``n_critic``
+    steps per G update.  ``n_critic``, ``lr``, ``lr_d`` and ``reg_every`` default to the recipe the
+    model was trained with (``model.train_recipe``, set by the model zoo from the checkpoint's
+    manifest: the demo recipes use n_critic 1 and a lazy penalty every 4th D step), else to the
+    model's official ``train_defaults`` (n_critic 5, lr 1e-4, penalty every step).
+
+    Args (all optional): ``batch_size`` (16), ``lr`` / ``lr_d`` / ``n_critic`` / ``reg_every``
+    (None: as above), ``warmup_d_steps`` (None: ``g_steps // 4``; used only when no discriminator is
+    available: the official checkpoints ship G only, so a fresh D is first trained alone, as TSDF
+    does for HiSD).
 
     The discriminator is taken from ``adapt(..., discriminator=D)``, else from a
     ``model.discriminator`` attribute, else from an earlier ``adapt`` call that produced
     ``model`` (multi-round retraining continues with its D); otherwise it is built fresh.
     With no crops at all (the detector was fully poisoned) the attacker has nothing to train
     on: the model is returned unchanged (a copy) and ``last_info["skipped"]`` says why.
+    ``last_info`` records ``g_steps`` and ``d_steps`` actually taken, ``n_critic``, ``lr``, ``lr_d``,
+    ``reg_every`` and where they came from.
 
     Example::
 
-        new_model = RetrainAdaptation().adapt(model, crops, attrs, steps=200, seed=0)
+        new_model = RetrainAdaptation().adapt(model, crops, attrs, steps=40, seed=0)  # 40 G updates
     """
 
     name = "retrain"
@@ -46,19 +51,31 @@ class RetrainAdaptation(Adaptation):
                  n_critic: int | None = None, warmup_d_steps: int | None = None, reg_every: int | None = None):
         if int(batch_size) < 1:
             raise ConfigError(f"adaptation 'retrain': batch_size must be >= 1, got {batch_size}")
+        for key, value in (("n_critic", n_critic), ("reg_every", reg_every)):
+            if value is not None and int(value) < 1:
+                raise ConfigError(f"adaptation 'retrain': {key} must be >= 1, got {value}")
         self.batch_size = int(batch_size)
         self.lr, self.lr_d, self.n_critic = lr, lr_d, n_critic
         self.warmup_d_steps = warmup_d_steps
-        if reg_every is not None and int(reg_every) < 1:
-            raise ConfigError(f"adaptation 'retrain': reg_every must be >= 1, got {reg_every}")
         self.reg_every = reg_every
         self.last_info: dict = {}
         self.last_result = None
         self._discriminators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+    def schedule(self, model) -> dict:
+        """``n_critic``, ``lr``, ``lr_d``, ``reg_every`` for ``model`` and their ``schedule_source``."""
+        recipe = dict(getattr(model, "train_recipe", None) or {})
+        defaults = {"lr_g": 1e-4, "lr_d": 1e-4, "n_critic": 5, **(getattr(model, "train_defaults", None) or {})}
+        source = "model recipe" if recipe else "official defaults"
+        pick = lambda mine, key, fallback: mine if mine is not None else recipe.get(key, fallback)  # noqa: E731
+        return {"n_critic": int(pick(self.n_critic, "n_critic", defaults["n_critic"])),
+                "lr": float(pick(self.lr, "lr", defaults["lr_g"])),
+                "lr_d": float(pick(self.lr_d, "lr_d", defaults["lr_d"])),
+                "reg_every": int(pick(self.reg_every, "reg_every", 1)), "schedule_source": source}
+
     def adapt(self, model, crops: torch.Tensor, attrs: torch.Tensor, *, steps: int, seed: int,
               progress: bool = False, discriminator=None, checkpoint_dir=None):
-        """Return a fine-tuned deep copy of ``model`` (``model`` itself is left untouched)."""
+        """Return a deep copy of ``model`` fine-tuned for ``steps`` generator updates."""
         from tsdf_bench.models.training import train
 
         if discriminator is None:
@@ -67,33 +84,24 @@ class RetrainAdaptation(Adaptation):
             discriminator = self._discriminators.get(model)
         new_model = copy.deepcopy(model)
         n = int(crops.shape[0]) if isinstance(crops, torch.Tensor) else 0
+        plan = self.schedule(model)
         if n == 0 or steps == 0:
             new_model.eval()
             self.last_result = None
-            self.last_info = {"images": n, "steps": 0,
-                              "skipped": "no usable crops collected" if n == 0 else "steps=0"}
+            self.last_info = {"images": n, "g_steps": 0, "d_steps": 0, **plan,
+                              "skipped": "no usable crops collected" if n == 0 else "g_steps=0"}
             if discriminator is not None:
                 self._discriminators[new_model] = discriminator
             return new_model
         warmup = self.warmup_d_steps if self.warmup_d_steps is not None else steps // 4
-        reg_every = self._reg_every(model)
-        result = train(new_model, crops, attrs, int(steps),
+        result = train(new_model, crops, attrs, int(steps) * plan["n_critic"],
                        discriminator=copy.deepcopy(discriminator) if discriminator is not None else None,
-                       batch_size=self.batch_size, lr=self.lr, lr_d=self.lr_d, n_critic=self.n_critic,
+                       batch_size=self.batch_size, lr=plan["lr"], lr_d=plan["lr_d"], n_critic=plan["n_critic"],
                        seed=int(seed), warmup_d_steps=int(warmup), progress=progress,
-                       checkpoint_dir=checkpoint_dir, reg_every=reg_every)
+                       checkpoint_dir=checkpoint_dir, reg_every=plan["reg_every"])
         self._discriminators[result.model] = result.discriminator
         self.last_result = result
-        self.last_info = {"images": n, "steps": result.steps, "reg_every": reg_every,
+        parts = [row.get("part") for row in result.history]
+        self.last_info = {"images": n, "g_steps": parts.count("g"), "d_steps": parts.count("d"), **plan,
                           "warmup_d_steps": int(warmup) if discriminator is None else 0}
         return result.model
-
-    def _reg_every(self, model) -> int:
-        """The gradient-penalty interval: as configured, else the one the model was trained with."""
-        if self.reg_every is not None:
-            return int(self.reg_every)
-        if getattr(model, "scale", None) != "demo":
-            return 1
-        from tsdf_bench.models.zoo import recipe_of
-
-        return int(recipe_of(model, "demo").get("reg_every", 1))
