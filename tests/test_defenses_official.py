@@ -90,3 +90,182 @@ def test_model_order_defaults_to_the_official_one_and_is_recorded():
     assert given.provenance["model_order"] == ["attgan", "extra", "hisd", "stargan", "attentiongan"]
     # the order changes the perturbation (the EMA weights the last calls most)
     assert not torch.equal(d.perturbation, given.perturbation)
+
+
+# -- TSDF -----------------------------------------------------------------------------------------
+from tsdf_bench.defenses.detector_losses import clean_candidates, output_loss  # noqa: E402
+from tsdf_bench.detectors.base import Detections, DetectorOutput  # noqa: E402
+from tsdf_bench_plugins.defenses.tsdf import TSDF, intensity_mask  # noqa: E402
+
+TSDF_FAST = dict(passes=1, batch_size=4, poison_steps=4, step=0.005)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return (toy_images(8, 16), toy_attrs(8), [ToyGAN("m1", seed=1), ToyGAN("m2", seed=2)],
+            [ToyDetector("d1", 1), ToyDetector("d2", 2), BlackBoxDetector()])
+
+
+def _spy_poison(d):
+    calls = []
+    original = d._poison
+
+    def spy(x, w0, slices=None):
+        calls.append(([(s.start, s.stop) for s in slices] if slices is not None else None, w0.detach().clone()))
+        return original(x, w0, slices)
+
+    d._poison = spy
+    return calls
+
+
+def test_release_schedule_poisons_every_batch_of_every_pass(world):
+    """``poison_schedule="release"``: a poison call of ``poison_steps`` on each batch of each pass,
+    between the feature steps and the end-to-end step, its mask from the W of that moment."""
+    x, a, models, dets = world
+    d = TSDF(**{**TSDF_FAST, "passes": 2, "poison_steps": 3}, seed=1)
+    assert d.poison_schedule == "release"  # the default
+    calls = _spy_poison(d)
+    d.fit(x, a, models, dets)
+    assert [c[0] for c in calls] == [[(0, 4)], [(4, 8)], [(0, 4)], [(4, 8)]]
+    assert len(d.history["poisoning"]) == 2 * 2 * 3 and d.provenance["poison_calls"] == 4
+    assert d.provenance["poison_steps_total"] == 12 and d.provenance["poison_schedule"] == "release"
+    # the W each call starts from moves between calls (stage 1 and the poison continue from it)
+    assert all(not torch.equal(calls[i][1], calls[i + 1][1]) for i in range(3))
+    assert torch.equal(d.poison_mask, intensity_mask(calls[-1][1], d.tau, d.beta))
+    # "after": one call over every batch once stage 1 is done
+    after = TSDF(**{**TSDF_FAST, "passes": 2, "poison_steps": 3}, seed=1, poison_schedule="after")
+    calls = _spy_poison(after)
+    after.fit(x, a, models, dets)
+    assert len(calls) == 1 and calls[0][0] is None and len(after.history["poisoning"]) == 3
+    assert not torch.equal(after.perturbation, d.perturbation)
+    for p in (d, after):
+        assert p.perturbation.abs().max() <= 0.05 + 1e-7
+    with pytest.raises(ValueError, match="poison_schedule"):
+        TSDF(poison_schedule="during")
+
+
+def test_release_schedule_without_interruption_only_poisons(world):
+    x, a, _, dets = world
+    d = TSDF(**{**TSDF_FAST, "passes": 2, "poison_steps": 2}, interruption=False).fit(x, a, [], dets)
+    assert d.provenance["poison_calls"] == 4 and d.history["interruption"] == []
+    assert d.perturbation.abs().max() > 0
+
+
+class RefineDetector(ToyDetector):
+    """A two-stage toy: dense first stage, then a refine stage that scores given candidate boxes
+    (like MTCNN's R-Net / O-Net); without candidates it re-detects its input."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.refine = torch.nn.Linear(4 + 4, 5)
+        self.seen = []
+
+    def forward_attack(self, images, refine_boxes=None):
+        dense = super().forward_attack(images)
+        if refine_boxes is None:
+            refine_boxes = [d.boxes[torch.argsort(d.scores, descending=True)] for d in self.detect(images.detach())]
+        self.seen.append(refine_boxes)
+        k = 2
+        rows = []
+        for b, given in enumerate(refine_boxes):
+            given = torch.as_tensor(given, dtype=images.dtype).reshape(-1, 4)[:k]
+            given = torch.cat([given, images.new_full((k - len(given), 4), 8.0)])
+            pooled = dense.features[2][b].mean((1, 2))  # [C] (C = 4)
+            rows.append(self.refine(torch.cat([pooled.expand(k, -1), given / 16], 1)))
+        out = torch.stack(rows)  # [B, k, 5]
+        boxes = torch.stack([torch.as_tensor(r, dtype=images.dtype).reshape(-1, 4)[:k] for r in refine_boxes]) \
+            if all(len(r) >= k for r in refine_boxes) else out[..., 1:] * 16
+        return DetectorOutput(dense.features, torch.cat([dense.scores, torch.sigmoid(out[..., 0])], 1),
+                              torch.cat([dense.boxes, boxes + out[..., 1:]], 1))
+
+    def detect(self, images):
+        out = ToyDetector.forward_attack(self, images)
+        return [Detections(b[torch.argsort(s, descending=True)[:3]], s[torch.argsort(s, descending=True)[:3]])
+                for s, b in zip(out.scores, out.boxes)]
+
+
+def test_poison_scores_the_clean_candidates(world):
+    """A multi-stage detector's refine stage scores the candidates found on the clean batch, in the
+    clean and in the adversarial pass (the old code re-detected the adversarial image, so eq. 13
+    matched scores and box targets of different boxes by index)."""
+    x, _, _, _ = world
+    det = RefineDetector("refine", 4)
+    det.requires_grad_(False)
+    xb = x[:4]
+    expected = clean_candidates(det, xb)
+    d = TSDF(**{**TSDF_FAST, "poison_steps": 3}, mask=False)
+    d.detectors = [det]
+    det.seen.clear()
+    d._poison(xb, torch.zeros(1, 3, 16, 16))
+    assert len(det.seen) == 1 + 3  # the clean pass once, then every step
+    for boxes in det.seen:
+        assert boxes is not None and all(torch.equal(b, e) for b, e in zip(boxes, expected))
+
+
+def test_mask_weights_the_poison_once_by_default(world):
+    """``mask_mode="weight"``: delta = M_d * d, so a mask of 0.82 scales the poison by 0.82; the
+    release's per-step ``delta *= M_d`` compounds and keeps it below lr * M / (1 - M)."""
+    x, _, _, dets = world
+    w0 = torch.full((1, 3, 16, 16), 0.039)  # M_d = exp(-0.195) = 0.82 everywhere
+    common = dict(**{**TSDF_FAST, "poison_steps": 30}, poison_lr=1e-3, eps=0.5, poison_schedule="after")
+    sizes = {}
+    for mode in ("weight", "multiply"):
+        d = TSDF(**common, mask_mode=mode)
+        d.detectors = dets
+        sizes[mode] = float(d._poison(x, w0).abs().max())
+    m = float(torch.exp(torch.tensor(-5 * 0.039)))
+    assert sizes["multiply"] <= 1.1 * 1e-3 * m / (1 - m)
+    assert sizes["weight"] > 2 * sizes["multiply"]
+    with pytest.raises(ValueError, match="mask_mode"):
+        TSDF(mask_mode="twice")
+
+
+def test_log_score_term_keeps_its_gradient_on_saturated_scores():
+    """-log(1 - s) from the logit margin: at margin 20 (s rounds to 1 in float32) its gradient is
+    still ~1; computed from s (floored at 1e-6) it is 0."""
+    margins = torch.tensor([[20.0, 0.0]], requires_grad=True)
+    scores = torch.sigmoid(margins)
+    boxes = torch.tensor([[[0.0, 0.0, 8.0, 8.0], [2.0, 2.0, 6.0, 6.0]]])
+    clean = DetectorOutput([], torch.tensor([[1.0, 1.0]]), boxes)
+    adv = DetectorOutput([], scores, boxes)
+    (g_plain,) = torch.autograd.grad(output_loss(adv, clean, 16), margins, retain_graph=True)
+    adv.margins = margins
+    (g_margin,) = torch.autograd.grad(output_loss(adv, clean, 16), margins)
+    assert g_plain[0, 0] == 0
+    assert g_margin[0, 0] == pytest.approx(0.5, rel=1e-4)  # weight 1/2 x d softplus / d margin = 1/2
+    # where s is representable, the two forms agree
+    small = torch.tensor([[1.5, -2.0]])
+    plain = output_loss(DetectorOutput([], torch.sigmoid(small), boxes), clean, 16)
+    adv = DetectorOutput([], torch.sigmoid(small), boxes)
+    adv.margins = small
+    assert float(output_loss(adv, clean, 16)) == pytest.approx(float(plain), rel=1e-5)
+
+
+# -- FOUND's target set ---------------------------------------------------------------------------
+def test_found_target_set_is_configurable_like_tsdfs(world):
+    from tsdf_bench.defenses.attack_utils import model_outputs
+    from tsdf_bench.errors import ConfigError
+
+    x, a, models, dets = world
+    fast = dict(passes=1, batch_size=4, step=0.005)
+    found = lambda **kw: get_registry().create("defense", "found", **fast, **kw).fit(x, a, models, [])  # noqa: E731
+    one = found()
+    assert one.provenance["targets"] == {"m1": [0], "m2": [0]}  # FOUND's default: one target
+    every = found(max_targets="all")
+    assert every.provenance["targets"] == {"m1": "all", "m2": "all"}
+    assert torch.equal(every.perturbation, found(max_targets=None).perturbation)
+    assert not torch.equal(every.perturbation, one.perturbation)
+    picked = found(targets={"m1": [2]})
+    assert picked.provenance["targets"] == {"m1": [2], "m2": [0]}
+    # TSDF takes the same options and records the same way
+    tsdf = TSDF(**TSDF_FAST, poisoning=False, targets={"m1": [2]}, max_targets=1).fit(x, a, models, [])
+    assert tsdf.provenance["targets"] == {"m1": [2], "m2": [0]}
+    assert TSDF(**TSDF_FAST, poisoning=False).fit(x, a, models, []).provenance["targets"] == {"m1": "all", "m2": "all"}
+    # the listed target is the one generated
+    m = models[0]
+    with torch.no_grad():
+        got = model_outputs(m, x[:2], a[:2], 1, {"m1": [2]})
+        assert torch.equal(got[:, 0], m.generate(x[:2], m.conditions(a[:2])[2]))
+    for bad in (dict(max_targets=0), dict(max_targets="some"), dict(targets={"m1": []}), dict(targets={"m1": [7]})):
+        with pytest.raises(ConfigError):
+            found(**bad)

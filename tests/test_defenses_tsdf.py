@@ -38,8 +38,9 @@ def test_poison_changes_no_pixel_outside_its_mask(world):
 
 
 def test_full_fit_equals_stage1_outside_the_mask(world):
+    """With the poison after stage 1 (``poison_schedule="after"``)."""
     x, a, models, dets = world
-    both = TSDF(**FAST, seed=4).fit(x, a, models, dets)
+    both = TSDF(**FAST, seed=4, poison_schedule="after").fit(x, a, models, dets)
     stage1 = TSDF(**FAST, seed=4, poisoning=False).fit(x, a, models, dets)
     outside = both.poison_mask == 0
     assert outside.any()

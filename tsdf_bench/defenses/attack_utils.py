@@ -45,14 +45,63 @@ def attrs_for(model, attrs, batch: int, device) -> torch.Tensor:
     return attrs
 
 
-def model_outputs(model, x: torch.Tensor, attrs, max_targets: int | None = None) -> torch.Tensor:
-    """All (or the first ``max_targets``) protocol edits of ``x``: ``[B, T, 3, H, W]``."""
+def target_spec(max_targets=None, targets: Mapping | None = None, what: str = "defense"):
+    """Check and normalise a defense's target set: ``max_targets`` is None or ``"all"`` (every
+    protocol target), or n >= 1 (the first n); ``targets`` optionally maps model names to lists of
+    target indices (into the model's ``conditions``), which win over ``max_targets`` for those
+    models.  Returns ``(max_targets, targets)`` with ``"all"`` turned into None."""
+    if isinstance(max_targets, str):
+        if max_targets != "all":
+            raise ConfigError(f"{what}: max_targets must be a number >= 1 or 'all', got {max_targets!r}")
+        max_targets = None
+    if max_targets is not None and (isinstance(max_targets, bool) or int(max_targets) < 1):
+        raise ConfigError(f"{what}: max_targets must be a number >= 1 or 'all', got {max_targets!r}")
+    if targets is not None:
+        if not isinstance(targets, Mapping) or not all(
+                isinstance(v, (list, tuple)) and v and all(isinstance(i, int) and i >= 0 for i in v)
+                for v in targets.values()):
+            raise ConfigError(f"{what}: targets must map model names to non-empty lists of target indices, "
+                              f"e.g. {{stargan = [0, 2]}}; got {targets!r}")
+        targets = {str(k): [int(i) for i in v] for k, v in targets.items()}
+    return (None if max_targets is None else int(max_targets)), targets
+
+
+def target_indices(model, n: int, max_targets: int | None = None, targets: Mapping | None = None) -> list[int] | None:
+    """The indices of ``model``'s ``n`` protocol targets a defense attacks (None: all of them)."""
+    if targets and model.name in targets:
+        bad = [i for i in targets[model.name] if i >= n]
+        if bad:
+            raise ConfigError(f"targets: model {model.name!r} has {n} targets (indices 0-{n - 1}), got {bad}")
+        return list(targets[model.name])
+    if max_targets is None or max_targets >= n:
+        return None
+    return list(range(max_targets))
+
+
+def targets_used(models, attrs, defense) -> dict:
+    """Per model, the target indices ``defense`` (with ``max_targets`` and ``targets``) attacks,
+    or "all" (for provenance records)."""
+    out = {}
+    for m in models:
+        n = len(m.conditions(attrs_for(m, slice_attrs(attrs, slice(0, 1)), 1, "cpu")))
+        picked = target_indices(m, n, defense.max_targets, defense.targets)
+        out[m.name] = "all" if picked is None else picked
+    return out
+
+
+def model_outputs(model, x: torch.Tensor, attrs, max_targets: int | None = None,
+                  targets: Mapping | None = None) -> torch.Tensor:
+    """All protocol edits of ``x`` (or the first ``max_targets``, or for a model named in
+    ``targets`` the listed target indices): ``[B, T, 3, H, W]``."""
     a = attrs_for(model, attrs, x.shape[0], x.device)
     x = model.to_input_size(x)
-    if max_targets is None:  # batched over targets, or the per-target loop (tsdf_bench.speed)
+    if max_targets is None and not (targets and model.name in targets):
+        # batched over targets, or the per-target loop (tsdf_bench.speed)
         generate = getattr(model, "generate_targets", None) or model.generate_all
         return generate(x, a)
-    conds = model.conditions(a)[:max_targets]
+    conds = model.conditions(a)
+    picked = target_indices(model, len(conds), max_targets, targets)
+    conds = conds if picked is None else [conds[i] for i in picked]
     return torch.stack([model.generate(x, c) for c in conds], dim=1)
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tsdf_bench.defenses.attack_utils import (batches, check_images, ensemble_features, input_diversity,
                                               model_outputs, normalized, options_of, require, resized_features,
-                                              slice_attrs, uniform_like)
+                                              slice_attrs, target_spec, targets_used, uniform_like)
 from tsdf_bench.defenses.base import UniversalDefense
 
 
@@ -32,8 +32,15 @@ class FOUND(UniversalDefense):
 
     Defaults: eps 0.05, passes 30, batch_size 8, max_images 128, feature_steps 3, step 1e-3,
     momentum 0.8, feature_size 32, output_weight 0.7, max_targets 1 (one target per model during
-    training), diversity_prob 0.5, diversity_ratio 290/256.  Cheap CPU demo schedule:
-    ``passes=2, max_images=16, step=eps/10``.
+    training, the model's first protocol target), targets None, diversity_prob 0.5,
+    diversity_ratio 290/256.  Cheap CPU demo schedule: ``passes=2, max_images=16, step=eps/10``.
+
+    **Target set**: ``max_targets`` n >= 1 attacks each model's first n protocol targets,
+    ``"all"`` (or None) every target; ``targets = {model name: [indices]}`` picks the listed
+    targets of the models it names (indices into the model plugin's ``conditions``).  TSDF takes
+    the same two options, so a comparison config gives both defenses one target set (TSDF's
+    default is every target).  The targets used per model are recorded as
+    ``provenance["targets"]`` ("all" or a list of indices).
 
     Departures and why: with no official code, the schedule is the one in the TSDF code, which is
     visibly a fork of a FOUND codebase, minus TSDF's L_enh and dynamic weighting (see
@@ -47,12 +54,13 @@ class FOUND(UniversalDefense):
 
     def __init__(self, eps: float = 0.05, seed: int = 0, device="cpu", *, passes: int = 30, batch_size: int = 8,
                  max_images: int | None = 128, feature_steps: int = 3, step: float = 1e-3, momentum: float = 0.8,
-                 feature_size: int = 32, output_weight: float = 0.7, max_targets: int | None = 1,
-                 diversity_prob: float = 0.5, diversity_ratio: float = 290 / 256):
+                 feature_size: int = 32, output_weight: float = 0.7, max_targets: int | str | None = 1,
+                 targets: dict | None = None, diversity_prob: float = 0.5, diversity_ratio: float = 290 / 256):
         super().__init__(eps, seed, device)
         self.options = options_of(locals())
         for key, value in self.options.items():
             setattr(self, key, value)
+        self.max_targets, self.targets = target_spec(max_targets, targets, self.name)
         self.history: list[float] = []
 
     def fit(self, images, attrs, models, detectors=()):
@@ -76,7 +84,7 @@ class FOUND(UniversalDefense):
                 with torch.no_grad():
                     clean_sum = ensemble_features(models, xb, fs)
                     clean_feat = [resized_features(m, xb, fs) for m in models]
-                    clean_out = [model_outputs(m, xb, ab, self.max_targets) for m in models]
+                    clean_out = [model_outputs(m, xb, ab, self.max_targets, self.targets) for m in models]
                 for _ in range(self.feature_steps):  # 1. encoder ensemble
                     w.requires_grad_(True)
                     loss = -F.mse_loss(ensemble_features(models, diverse(xb, w), fs), clean_sum)
@@ -86,7 +94,7 @@ class FOUND(UniversalDefense):
                 for m, c_out, c_feat in zip(models, clean_out, clean_feat):
                     w.requires_grad_(True)
                     adv_in = diverse(xb, w)
-                    loss = (self.output_weight * -F.mse_loss(model_outputs(m, adv_in, ab, self.max_targets), c_out)
+                    loss = (self.output_weight * -F.mse_loss(model_outputs(m, adv_in, ab, self.max_targets, self.targets), c_out)
                             + (1 - self.output_weight) * -F.mse_loss(resized_features(m, adv_in, fs), c_feat))
                     grads.append(normalized(torch.autograd.grad(loss, w)[0]))
                     total = total + loss.detach()
@@ -97,5 +105,6 @@ class FOUND(UniversalDefense):
             self.history.extend(torch.stack(history).float().cpu().tolist())
         self.perturbation = w.detach()
         self.provenance = {"options": self.options, "images": int(x.shape[0]), "size": list(x.shape[-2:]),
-                           "models": [m.name for m in models], "fit_seconds": round(time.perf_counter() - start, 3)}
+                           "models": [m.name for m in models], "targets": targets_used(models, attrs, self),
+                           "fit_seconds": round(time.perf_counter() - start, 3)}
         return self
