@@ -12,6 +12,9 @@ What it handles so the user does not have to (see ../shared/docs/environment.md)
 * insightface is installed with ``--no-deps`` only for the face photos its wheel ships (the
   embedded demo data); its dependencies would bring OpenCV 5, which ships no Haar cascades.
   tsdf-bench never imports it.
+* the ``identity`` and ``lpips`` metrics' packages (dlib-bin, face-recognition-models with its
+  ~130 MB of dlib model files, lpips) come in as ordinary dependencies of pyproject.toml; nothing
+  downloads weights at run time.
 * disk space: x86_64's torch pair is a CUDA build of about 5.5 GB in the venv. Without room for
   it, bootstrap stops before pip starts, saying how much is free and where.
 """
