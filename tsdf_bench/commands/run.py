@@ -27,6 +27,10 @@ def add_arguments(parser):
     parser.add_argument("--ray-gpus-per-task", type=float, metavar="N",
                         help="GPUs per Ray task (default: 1 when the config's device is cuda, or auto on a cluster "
                              "with GPUs; else 0)")
+    parser.add_argument("--check", action="store_true",
+                        help="preflight only: load every model, detector and data entry the config names, push one "
+                             "batch through each, verify checkpoint files (sha256), estimate memory and disk for the "
+                             "grid, print one table; exit 1 on any hard error (nothing is fitted or stored)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
 
@@ -51,6 +55,8 @@ def main(args, registry) -> int:
         cfg = stored_config(store, store.resolve(args.resume))
     if cfg is not None and overrides:
         cfg = cfg.replace(**overrides)
+    if getattr(args, "check", False):
+        return check(cfg, registry, output=args.output)
     ray_options = {"address": args.ray_address, "cpus_per_task": args.ray_cpus_per_task,
                    "gpus_per_task": args.ray_gpus_per_task}
     outputs = run_config(cfg, registry, output=args.output, resume=args.resume, progress=not args.no_progress,
@@ -73,3 +79,22 @@ def main(args, registry) -> int:
     if s.errors:
         print(f"failed cells are retried by: tsdf-bench run --resume {s.run_id} --output {s.run_dir.parent}")
     return 1 if s.errors else 0
+
+
+def check(cfg, registry, output=None) -> int:
+    """``--check``: run :func:`tsdf_bench.harness.preflight.preflight`, print its table; 0 if no hard error."""
+    from ..errors import ConfigError
+    from ..harness.preflight import preflight
+
+    if cfg is None:
+        raise ConfigError("tsdf-bench run --check needs a CONFIG: pass the config file (a resumed run's config "
+                          "is checked by giving the same file)")
+    report = preflight(cfg, registry, output=output)
+    print(report.table())
+    errors = report.errors
+    warnings = [c for c in report.checks if c.status == "warn"]
+    print(f"\npreflight of {cfg.source}: {len(report.checks)} checks, {len(errors)} error(s), "
+          f"{len(warnings)} warning(s)")
+    for c in errors:
+        print(f"  error: {c.kind} {c.name}: {c.detail}")
+    return 1 if errors else 0

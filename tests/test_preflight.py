@@ -1,0 +1,204 @@
+"""Preflight (``tsdf-bench run CONFIG --check``): models, detectors, data, checkpoint files, estimates."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tsdf_bench import get_registry
+from tsdf_bench.cli import main as cli_main
+from tsdf_bench.config import load_config
+from tsdf_bench.harness.preflight import PreflightError, estimate, preflight
+from tsdf_bench.models.checkpoints import sha256_file
+
+CONFIG = """
+[run]
+name = "pre"
+scale = "smoke"
+device = "cpu"
+output = "{output}"
+
+[data]
+source = "synthetic"
+image_size = 32
+n_train_defense = 4
+n_collect = 4
+n_eval = 2
+batch_size = 2
+
+[models]
+names = ["stargan", "hisd"]
+
+[models.stargan]
+checkpoint = "ckpt/200000-G.ckpt"
+
+[models.hisd]
+checkpoint = "ckpt/gen.pt"
+reference = "ckpt/reference_glasses_2.jpg"
+
+[defenses]
+names = ["noise", "none"]
+
+[detectors]
+names = ["haar"]
+attacker = "haar"
+
+[adaptations]
+names = ["retrain"]
+g_steps = 2
+
+[metrics]
+names = ["forgery"]
+"""
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    """A config in tmp_path whose checkpoints (official formats, relative paths) sit beside it."""
+    reg = get_registry()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.manual_seed(0)
+    torch.save(reg.create("model", "stargan", scale="smoke").official_state_dict(), ckpt / "200000-G.ckpt")
+    torch.save({"gen_test": reg.create("model", "hisd", scale="smoke").state_dict()}, ckpt / "gen.pt")
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(ckpt / "reference_glasses_2.jpg")
+    path = tmp_path / "pre.toml"
+    path.write_text(CONFIG.format(output=tmp_path / "runs"))
+    return tmp_path, path
+
+
+def _by(report, kind, name):
+    return next(c for c in report.checks if c.kind == kind and c.name == name)
+
+
+def test_preflight_checks_every_entry_and_hashes_checkpoint_files(setup):
+    tmp_path, path = setup
+    report = preflight(load_config(path), get_registry())
+    assert report.ok, report.table()
+    kinds = [(c.kind, c.name) for c in report.checks]
+    for item in [("data", "synthetic"), ("model", "stargan"), ("model", "hisd"), ("detector", "haar"),
+                 ("defense", "noise"), ("defense", "none"), ("adaptation", "retrain"), ("metric", "forgery"),
+                 ("memory", "peak RAM")]:
+        assert item in kinds
+    star = _by(report, "model", "stargan")
+    assert star.info["checkpoint"]["sha256"] == sha256_file(tmp_path / "ckpt" / "200000-G.ckpt")
+    assert star.info["checkpoint"]["path"] == str(tmp_path / "ckpt" / "200000-G.ckpt")
+    assert star.info["targets"] == 5 and "(2, 5, 3, 32, 32)" in star.detail
+    hisd = _by(report, "model", "hisd")
+    assert hisd.info["reference"]["sha256"] == sha256_file(tmp_path / "ckpt" / "reference_glasses_2.jpg")
+    table = report.table()
+    assert "stargan" in table and "peak RAM" in table and "error" not in table
+    assert report.estimate["ram_bytes"] > 0 and report.estimate["disk_bytes"] > 0
+
+
+def test_bad_checkpoint_is_a_hard_error_with_exit_code_1(setup, capsys):
+    tmp_path, path = setup
+    torch.save(get_registry().create("model", "attgan", scale="smoke").official_state_dict(),
+               tmp_path / "ckpt" / "200000-G.ckpt")  # the wrong model's weights
+    (tmp_path / "ckpt" / "gen.pt").unlink()
+    report = preflight(load_config(path), get_registry())
+    errors = {c.name: c.detail for c in report.errors}
+    assert set(errors) == {"stargan", "hisd"}
+    assert "does not fit stargan" in errors["stargan"] and "missing key(s)" in errors["stargan"]
+    assert "does not exist" in errors["hisd"]
+    assert _by(report, "detector", "haar").status == "ok"  # the other checks still ran
+    with pytest.raises(PreflightError, match="2 error"):
+        report.raise_for_errors()
+    with pytest.raises(PreflightError, match="model stargan: .*does not fit stargan"):
+        preflight(load_config(path), get_registry(), fail_fast=True)
+    assert cli_main(["run", str(path), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "error: model stargan" in out and "2 error(s)" in out
+    assert not (tmp_path / "runs").exists()  # nothing stored
+
+
+def test_check_command_exits_0_and_prints_one_table(setup, capsys):
+    _, path = setup
+    assert cli_main(["run", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("status") == 1 and "0 error(s)" in out
+
+
+def test_paper_model_without_checkpoint_fails_the_preflight(setup):
+    _, path = setup
+    text = path.read_text().replace('scale = "smoke"', 'scale = "paper"').replace(
+        'checkpoint = "ckpt/200000-G.ckpt"', 'norm_stats = "instance"')
+    text = text.replace('names = ["stargan", "hisd"]', 'names = ["stargan"]')
+    text = text.replace('[models.hisd]\ncheckpoint = "ckpt/gen.pt"\nreference = "ckpt/reference_glasses_2.jpg"\n', "")
+    path.write_text(text)
+    report = preflight(load_config(path), get_registry())
+    (err,) = report.errors
+    assert err.name == "stargan" and "[models.stargan]" in err.detail and "random_init = true" in err.detail
+
+
+def test_celeba_source_needs_only_the_images_the_run_reads(tmp_path):
+    root = tmp_path / "celeba"
+    (root / "img_align_celeba").mkdir(parents=True)
+    names = ["Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses", "Male",
+             "Mouth_Slightly_Open", "Mustache", "No_Beard", "Pale_Skin", "Young"]
+    rows = 40
+    lines = [str(rows), " ".join(names)] + [f"{i + 1:06d}.jpg " + " ".join(["-1"] * len(names)) for i in range(rows)]
+    (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+    for i in list(range(4)) + list(range(30, 36)):  # only the rows the run reads
+        Image.fromarray(np.full((218, 178, 3), 5 * i, np.uint8)).save(root / "img_align_celeba" / f"{i + 1:06d}.jpg")
+    cfg = load_config_text(tmp_path, f"""
+[run]
+scale = "smoke"
+device = "cpu"
+[data]
+source = "celeba"
+path = "celeba"
+image_size = 32
+n_train_defense = 4
+n_collect = 4
+n_eval = 2
+batch_size = 2
+[models]
+names = ["stargan"]
+train = false
+[defenses]
+names = ["none"]
+[detectors]
+names = ["haar"]
+attacker = "haar"
+[adaptations]
+names = ["retrain"]
+""")
+    import tsdf_bench.data.celeba as celeba
+
+    boundaries = dict(train_end=20, test_start=30)
+    real = celeba.CelebA.__init__
+    celeba.CelebA.__init__ = lambda self, *a, **k: real(self, *a, **{**boundaries, **k})
+    try:
+        report = preflight(cfg, get_registry())
+        assert report.ok, report.table()
+        assert "4 fit + 6 test images present" in _by(report, "data", "celeba").detail
+        (root / "img_align_celeba" / "000033.jpg").unlink()
+        report = preflight(cfg, get_registry())
+        (err,) = report.errors
+        assert err.kind == "data" and "000033.jpg" in err.detail
+        assert _by(report, "model", "stargan").status == "ok"  # checked on a synthetic batch instead
+        assert "synthetic batch" in _by(report, "model", "stargan").detail
+    finally:
+        celeba.CelebA.__init__ = real
+
+
+def load_config_text(folder, text):
+    path = folder / "c.toml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_estimate_follows_tensor_sizes():
+    """The paper grid's figures of issue 13: AttGAN's clean forgeries of 1,000 eval images at 256 px
+    (14 targets) are ~11 GB; the protected-image cache of 3 seeds x 7 defenses ~99 GB."""
+    cfg = load_config("configs/paper.toml")
+    models = {"attgan": {"targets": 14, "image_size": 256, "g_bytes": 4 * 43_350_000, "d_bytes": 0},
+              "stargan": {"targets": 5, "image_size": 256, "g_bytes": 4 * 8_430_000, "d_bytes": 0}}
+    n = {"fit": 128, "collect": 5000, "eval": 1000}
+    est = estimate(cfg, models, n)
+    img = 3 * 256 * 256 * 4
+    assert est["ram_parts"]["clean_forgeries"] == 1000 * 19 * img
+    assert 11.0e9 < 1000 * 14 * img < 11.1e9
+    assert est["disk_parts"]["protected_cache"] == 3 * 7 * 6000 * img
+    assert 99e9 < est["disk_parts"]["protected_cache"] < 100e9
+    assert est["ram_bytes"] == sum(est["ram_parts"].values())
