@@ -101,6 +101,9 @@ def test_bad_checkpoint_is_a_hard_error_with_exit_code_1(setup, capsys):
     assert "does not fit stargan" in errors["stargan"] and "missing key(s)" in errors["stargan"]
     assert "does not exist" in errors["hisd"]
     assert _by(report, "detector", "haar").status == "ok"  # the other checks still ran
+    # the estimate still counts both models, from their architectures: 2 eval images x (5 + 1) targets
+    assert report.estimate["ram_parts"]["clean_forgeries"] == 2 * (5 + 1) * 3 * 32 * 32 * 4
+    assert "could not be built" not in report.table()
     with pytest.raises(PreflightError, match="2 error"):
         report.raise_for_errors()
     with pytest.raises(PreflightError, match="model stargan: .*does not fit stargan"):

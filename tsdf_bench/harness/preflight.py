@@ -244,6 +244,21 @@ def _check_model(cfg, registry, name, batch: _Batch, device):
     return "; ".join(notes), info, "ok"
 
 
+def _meta_sizes(cfg, registry, name) -> dict | None:
+    """A model's estimate inputs (targets, input size, G and D bytes) from its architecture alone:
+    built on the meta device without checkpoint or reference (for a model whose check failed)."""
+    options = {k: v for k, v in cfg.models.options_for(name).items()
+               if k not in ("checkpoint", "reference", "random_init", "seed", "steps")}
+    try:
+        with torch.device("meta"):
+            model = registry.create("model", name, scale=cfg.run.scale, **options)
+            targets = len(model.conditions(torch.zeros(1, len(model.attributes), device="cpu")))
+        return {"targets": targets, "image_size": int(model.image_size), "g_bytes": _param_bytes(model),
+                "d_bytes": _discriminator_bytes(model)}
+    except Exception:  # noqa: BLE001 - then the estimate says it is partial
+        return None
+
+
 def _check_detector(cfg, registry, name, batch: _Batch, device):
     options = cfg.detectors.options_for(name)
     info = {}
@@ -357,11 +372,17 @@ def preflight(cfg, registry, *, output=None, fail_fast: bool = False,
     batch = state.get("batch") or _synthetic_batch(cfg)
     n = state.get("n") or {"fit": cfg.data.n_train_defense, "collect": cfg.data.n_collect, "eval": cfg.data.n_eval}
 
-    models = {}
+    models, unsized = {}, []
     for name in cfg.models.names:
         check = rec.run("model", name, lambda name=name: _check_model(cfg, registry, name, batch, device))
         if check is not None:
             models[name] = check.info
+        else:  # the estimate still counts it, from its architecture (built on the meta device)
+            sizes = _meta_sizes(cfg, registry, name)
+            if sizes is not None:
+                models[name] = sizes
+            else:
+                unsized.append(name)
     detectors = list(dict.fromkeys([*cfg.detectors.names, cfg.detectors.attacker, *(cfg.detectors.white_box or [])]))
     allow_missing = bool(getattr(cfg.detectors, "allow_missing_detectors", False))
     for name in detectors:
@@ -381,8 +402,7 @@ def preflight(cfg, registry, *, output=None, fail_fast: bool = False,
 
     est = estimate(cfg, models, n)
     report.estimate = est
-    missing = [m for m in cfg.models.names if m not in models]
-    partial = f" (without {', '.join(missing)}: not loaded)" if missing else ""
+    partial = f" (without {', '.join(unsized)}: could not be built)" if unsized else ""
     ram = available_memory()
     rec.add("memory", "peak RAM", "warn" if ram is not None and est["ram_bytes"] > ram else "ok",
             f"~{_gb(est['ram_bytes'])} planned{partial} ("
