@@ -269,3 +269,100 @@ def test_found_target_set_is_configurable_like_tsdfs(world):
     for bad in (dict(max_targets=0), dict(max_targets="some"), dict(targets={"m1": []}), dict(targets={"m1": [7]})):
         with pytest.raises(ConfigError):
             found(**bad)
+
+
+# -- FacePoison -----------------------------------------------------------------------------------
+def _facepoison_reference(x, det, eps, step, n_ens, keep_p, iters, copies, sigma, rho, seed):
+    """The official FacePoisonPP loop (hybrid_mode 2, avgerage_grad 1, fdmean 1, term weights 1, 1),
+    one image at a time, on [-1, 1] with the defense's random draws sliced per image."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = [torch.rand(x.shape, generator=gen) < keep_p for _ in range(n_ens)]
+    start = (torch.rand(x.shape, generator=gen) * 2 - 1) * eps
+    draws = []
+    for it in range(iters):
+        if it % 2 == 1:
+            draws.append([(torch.randn(x.shape, generator=gen) * 2 * sigma,
+                           torch.rand(x.shape, generator=gen) * 2 * rho + 1 - rho) for _ in range(copies)])
+        else:
+            draws.append(None)
+    n = x.shape[-1]
+    k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+    i_ = torch.arange(n, dtype=torch.float64).unsqueeze(0)
+    D = torch.cos(torch.pi * (2 * i_ + 1) * k / (2 * n)) * (2.0 / n) ** 0.5
+    D[0] /= 2 ** 0.5
+    D = D.float()
+    weights = (0.2, 0.3, 0.5)
+    out = []
+    for b in range(x.shape[0]):
+        org = x[b:b + 1]
+        feats = lambda z: det.forward_attack(z).features[:3]  # noqa: E731
+        with torch.no_grad():
+            origin = feats(org)
+        acc = [0, 0, 0]
+        origin_for_loss = [origin[-1]]
+        for m in masks:
+            z = (org * m[b:b + 1].float()).requires_grad_(True)
+            f = feats(z)
+            grads = torch.autograd.grad(torch.nn.functional.l1_loss(origin[-1], f[-1]), f, allow_unused=True)
+            acc = [a + (torch.zeros_like(ff) if g is None else g) for a, ff, g in zip(acc, f, grads)]
+            origin_for_loss.append(f[-1].detach())
+        imp = [a / a.pow(2).sum().sqrt() for a in acc]
+        refs = torch.cat(origin_for_loss)
+
+        def grad_of(z):
+            z = z.detach().requires_grad_(True)
+            f = feats(z)
+            lv = sum(w * torch.mean(i * ff) for w, i, ff in zip(weights, imp, f))
+            sims = torch.stack([torch.nn.functional.cosine_similarity(r.flatten(), f[-1][0].flatten(), dim=0, eps=1e-5)
+                                for r in refs])
+            (g,) = torch.autograd.grad(lv - sims.mean(), z)
+            return g
+
+        adv = (org + start[b:b + 1]).clamp(-1, 1)
+        pre = []
+        for it in range(iters):
+            if draws[it] is None:
+                g = grad_of(adv)
+            else:
+                g = sum(grad_of(D.T @ ((D @ (adv + nz[b:b + 1]) @ D.T) * sc[b:b + 1]) @ D) for nz, sc in draws[it])
+                g = g / copies
+            pre.append(g)
+            g = torch.stack(pre).mean(0)  # the code's avgerage_grad: flips and momentum do not reach the step
+            adv = adv + step * torch.sign(g / g.abs().sum())
+            adv = (org + (adv - org).clamp(-eps, eps)).clamp(-1, 1)
+        out.append(adv - org)
+    return torch.cat(out)
+
+
+def test_facepoison_matches_the_official_loop():
+    x = toy_images(3, 16)
+    det = ToyDetector("d1", 3, ch=8)  # a detector whose last layer is alive on every image
+    det.requires_grad_(False)
+    opts = dict(eps=0.05, step=0.0125, importance_masks=3, keep_prob=0.4, iterations=4, spectrum_copies=2,
+                sigma=16 / 255, rho=0.5)
+    d = get_registry().create("defense", "facepoison", seed=7, **opts).fit(x, None, [], [det])
+    got = d.perturbation_for(x)
+    ref = _facepoison_reference(x, det, 0.05, 0.0125, 3, 0.4, 4, 2, 16 / 255, 0.5, seed=7)
+    assert torch.allclose(got, ref, atol=1e-6)
+    assert got.abs().max() <= 0.05 + 1e-7
+
+
+def test_facepoison_moves_detector_features_more_than_noise():
+    x = toy_images(4, 16)
+    dets = [ToyDetector("d1", 1), ToyDetector("d2", 2)]
+    d = get_registry().create("defense", "facepoison", iterations=6, importance_masks=4, spectrum_copies=2
+                              ).fit(x, None, [], dets)
+    w = d.perturbation_for(x)
+    noise = (torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.05
+
+    def shift(p):
+        with torch.no_grad():
+            return sum(torch.nn.functional.l1_loss(det.forward_attack((x + p).clamp(-1, 1)).features[2],
+                                                   det.forward_attack(x).features[2]).item() for det in dets)
+
+    assert shift(w) > 1.5 * shift(noise)
+    # momentum with sign flips, the code's other path, stays within budget and is seeded
+    alt = get_registry().create("defense", "facepoison", iterations=3, importance_masks=2, spectrum_copies=2,
+                                average_gradients=False).fit(x, None, [], dets)
+    one, two = alt.perturbation_for(x), alt.perturbation_for(x)
+    assert torch.equal(one, two) and one.abs().max() <= 0.05 + 1e-7
