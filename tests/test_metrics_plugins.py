@@ -63,7 +63,7 @@ def test_forgery_without_forgeries_gives_none(registry):
 def test_invisibility_linf(registry):
     out = registry.create("metric", "invisibility").compute(_batch())
     assert out["linf"] == pytest.approx(0.03, abs=1e-6)
-    assert set(out) == {"psnr_in", "ssim_in", "linf", "l2_in"}
+    assert set(out) == {"psnr_in", "ssim_in", "linf", "l2_in", "ssim_in_paper"}
 
 
 def test_detection_per_detector_and_mean_f1(registry):
@@ -89,3 +89,59 @@ def test_crop_yield_none_in_round_zero(registry):
     metric = registry.create("metric", "crop_yield")
     assert metric.compute(_batch(round_k=False)) == {"crop_yield": None}
     assert metric.compute(_batch(round_k=True)) == {"crop_yield": 0.5}
+
+
+def test_detection_paper_form_averages_per_image(registry):
+    """TSDF's form: per-image precision (1 with no protected box) and recall, averaged, then F1;
+    ours pools the counts.  Image 0 keeps its face and gains a false box, image 1 loses its face."""
+    face, other = [[0, 0, 40, 40]], [[50, 50, 60, 60]]
+    batch = _batch()
+    batch.detections_clean = {"mtcnn": [_det(face, [0.99]), _det(face, [0.98])]}
+    batch.detections_protected = {"mtcnn": [_det(face + other, [0.95, 0.9]), _det([], [])]}
+    metric = registry.create("metric", "detection")
+    out = metric.compute(batch)
+    assert out["det_f1_mtcnn"] == pytest.approx(0.5)  # ours: TP 1, FP 1, FN 1
+    assert out["det_precision_paper_mtcnn"] == pytest.approx(0.75)  # (1/2 + 1) / 2
+    assert out["det_recall_paper_mtcnn"] == pytest.approx(0.5)
+    assert out["det_f1_paper_mtcnn"] == pytest.approx(2 * 0.75 * 0.5 / 1.25)
+    assert out["det_f1_paper"] == pytest.approx(out["det_f1_paper_mtcnn"])
+    assert {"det_f1_paper", "det_f1_paper_mtcnn", "det_recall_paper_mtcnn"} <= set(metric.columns_for(batch))
+
+
+def test_detection_paper_form_over_detectors(registry):
+    """det_f1_paper: precision and recall averaged over images *and* detectors, then F1."""
+    out = registry.create("metric", "detection").compute(_batch())
+    # mtcnn: P (1 + 1) / 2, R (1 + 0) / 2; retinaface: P 1, R 1
+    p, r = (1 + 1 + 1 + 1) / 4, (1 + 0 + 1 + 1) / 4
+    assert out["det_f1_paper"] == pytest.approx(2 * p * r / (p + r))
+    assert out["det_f1_paper_retinaface"] == 1.0
+
+
+def test_detection_paper_form_no_boxes_is_precision_one():
+    from tsdf_bench_plugins.metrics.detection import paper_detection_scores
+
+    s = paper_detection_scores([_det([], [])], [_det([], [])])
+    assert s["precision_paper"] == 1.0 and s["recall_paper"] == 1.0 and s["f1_paper"] == 1.0
+    s = paper_detection_scores([_det([[0, 0, 10, 10]], [0.9])], [_det([[0, 0, 10, 10]], [0.5])])  # below 0.7
+    assert s["precision_paper"] == 1.0 and s["recall_paper"] == 0.0
+
+
+def test_ssim_paper_uses_the_first_images_range(registry):
+    from skimage.metrics import structural_similarity
+
+    from tsdf_bench_plugins.metrics.invisibility import ssim_pairs_paper
+
+    torch.manual_seed(1)
+    clean = torch.rand(2, 3, 8, 8) * 0.8 - 0.4  # [0.3, 0.7] on [0, 1]: a range of 0.4, not 1
+    protected = (clean + 0.05 * torch.randn_like(clean)).clamp(-1, 1)
+    got = ssim_pairs_paper(clean, protected)
+    for i in range(2):
+        a = ((clean[i] + 1) / 2).permute(1, 2, 0).double().numpy()
+        b = ((protected[i] + 1) / 2).clamp(0, 1).permute(1, 2, 0).double().numpy()
+        assert got[i] == pytest.approx(structural_similarity(a, b, win_size=3, data_range=a.max() - a.min(),
+                                                             channel_axis=-1))
+    batch = _batch()
+    batch.clean, batch.protected = clean, protected
+    out = registry.create("metric", "invisibility").compute(batch)
+    assert out["ssim_in_paper"] == pytest.approx(float(got.mean()))
+    assert out["ssim_in_paper"] < out["ssim_in"]  # a smaller data range: the same error weighs more
