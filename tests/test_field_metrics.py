@@ -155,3 +155,18 @@ def test_lpips_with_a_local_backbone_computes_without_downloading(registry, tmp_
     torch.save({"w": torch.zeros(1)}, bad)
     with pytest.raises(TsdfBenchError, match="not torchvision's alexnet weights"):
         registry.create("metric", "lpips", backbone=str(bad)).model
+
+
+def test_identity_reuses_the_embeddings_of_recurring_batches(registry, faces):
+    metric = registry.create("metric", "identity")
+    calls = []
+    real = metric.embedder.embed
+    metric.embedder.embed = lambda images, shapes=None: calls.append(len(images)) or real(images, shapes)
+    x = faces.images[:2]
+    fc = faces.images[2:4].unsqueeze(1)
+    first = metric.compute(EvalBatch(clean=x, protected=x, fake_clean=fc, fake_protected=fc.flip(0)))
+    assert calls == [2, 2, 2]
+    second = metric.compute(EvalBatch(clean=x, protected=x, fake_clean=fc, fake_protected=fc.flip(-1)))
+    assert calls == [2, 2, 2, 2]  # only the new protected forgeries are embedded
+    again = metric.compute(EvalBatch(clean=x, protected=x, fake_clean=fc, fake_protected=fc.flip(0)))
+    assert again == first and again != second

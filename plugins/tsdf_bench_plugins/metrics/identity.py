@@ -30,6 +30,7 @@ Columns: ``cidr``; ``id_sim_clean`` / ``id_sim_protected``: mean cosine similari
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -45,6 +46,7 @@ LANDMARK_FILE = "shape_predictor_5_face_landmarks.dat"
 INSTALL_HINT = "pip install dlib-bin face-recognition-models (python3 bootstrap.py installs both)"
 CHIP_SIZE = 150  # the size dlib's ResNet takes
 CHIP_PADDING = 0.25  # dlib's default face-chip padding
+CACHE_SIZE = 8  # embedded batches remembered per metric instance
 
 
 def model_file(name: str) -> Path:
@@ -132,6 +134,12 @@ class DlibFaceEmbedder:
         return np.asarray(self.recogniser.compute_face_descriptor(chips), dtype=np.float64)
 
 
+def _digest(images: torch.Tensor) -> str:
+    """A key for a batch as the recogniser sees it (uint8 pixels and shape)."""
+    u8 = DlibFaceEmbedder.to_uint8(images)
+    return hashlib.sha1(u8.tobytes() + repr(u8.shape).encode()).hexdigest()
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity of two ``[N, D]`` arrays."""
     na = np.linalg.norm(a, axis=1)
@@ -164,6 +172,7 @@ class IdentityMetric(Metric):
             raise ConfigError(f"metric 'identity': align must be 'landmarks' or 'box', got {align!r}")
         self.align, self.face_fraction, self.centre_shift = align, face_fraction, centre_shift
         self._embedder: DlibFaceEmbedder | None = None
+        self._cache: dict = {}
 
     @property
     def embedder(self) -> DlibFaceEmbedder:
@@ -179,16 +188,27 @@ class IdentityMetric(Metric):
         n, t = fc.shape[:2]
         emb = self.embedder
         shapes = emb.shapes(clean)
-        e_x = emb.embed(clean, shapes)
+        align_key = _digest(clean)
+        e_x = self._embed(clean, shapes, align_key)
         rep = [s for s in shapes for _ in range(t)]  # pair (i, j) -> image i's alignment
-        e_fc = emb.embed(fc.reshape(n * t, *fc.shape[2:]), rep)
-        e_fp = emb.embed(fp.reshape(n * t, *fp.shape[2:]), rep)
+        e_fc = self._embed(fc.reshape(n * t, *fc.shape[2:]), rep, align_key)
+        e_fp = self._embed(fp.reshape(n * t, *fp.shape[2:]), rep, align_key)
         e_xr = np.repeat(e_x, t, axis=0)
         sim_clean, sim_prot = cosine(e_xr, e_fc), cosine(e_xr, e_fp)
         cidr = cidr_values(1.0 - sim_clean, 1.0 - sim_prot)
         return {"cidr": float(cidr.mean()), "id_sim_clean": float(sim_clean.mean()),
                 "id_sim_protected": float(sim_prot.mean()),
                 "id_loss_out": float((1.0 - cosine(e_fc, e_fp)).mean())}
+
+    def _embed(self, images: torch.Tensor, shapes: list, align_key: str) -> np.ndarray:
+        """Embeddings, remembered for the last few batches: the clean images and their forgeries
+        recur in every cell of a (model, adaptation), only the protected forgeries change."""
+        key = (_digest(images), align_key)
+        if key not in self._cache:
+            if len(self._cache) >= CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = self.embedder.embed(images, shapes)
+        return self._cache[key]
 
     def compute(self, batch: EvalBatch) -> dict[str, float | None]:
         if batch.fake_clean is None or batch.fake_protected is None or batch.clean.shape[0] == 0:
