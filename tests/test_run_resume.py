@@ -56,7 +56,7 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path, capsys):
     assert len([r for r in partial if r["status"] == "ok"]) == 7
     # a different config is refused with a clear message
     other = tmp_path / "other.toml"
-    other.write_text(CONFIG.replace("steps = 3", "steps = 4"))
+    other.write_text(CONFIG.replace("g_steps = 3", "g_steps = 4"))
     code, _, err = cli_here(capsys, str(other), "--output", str(out), "--resume", "latest")
     assert code == 2 and "config hash" in err and "differ" in err
     # resume (the stored config is reused when none is given)

@@ -50,7 +50,7 @@ attacker = "fake-count-det"
 
 [adaptations]
 names = ["fake-retrain", "fake-purify"]
-steps = 2
+g_steps = 2
 
 [metrics]
 names = ["fake-metric"]

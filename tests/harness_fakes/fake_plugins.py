@@ -150,6 +150,8 @@ class FakeMetric:
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise KeyboardInterrupt
         crop = None if batch.crop_kept is None else sum(batch.crop_kept) / len(batch.crop_kept)
+        if batch.fake_protected is None:
+            return {"fake_l2": None, "sr_mask": None, "fake_crop_yield": crop, "fake_boxes": None}
         per_pair = ((batch.fake_protected - batch.fake_clean) ** 2).flatten(2).mean(-1)
         return {"fake_l2": float(per_pair.mean()), "sr_mask": float((per_pair > 2e-4).float().mean()),
                 "fake_crop_yield": crop,

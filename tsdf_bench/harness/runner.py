@@ -2,84 +2,47 @@
 
 For each seed and defense:
 
-1. **Fit** the defense on the fit split, white-box against every configured model and the
-   white-box detectors (default: the differentiable ones), then **protect** the collect and
-   eval splits.  A universal perturbation is saved under ``perturbations/``; protected images
-   are cached under ``cache/`` so that ``--resume`` never refits a finished defense.
-2. **Round 0** (every adaptation): the attacker's model forges the eval images.  The cell compares
-   ``G(purify(x + W))`` with ``G(purify(x))`` (``purify`` is the adaptation's input transform,
-   identity for retraining; the reference goes through the same transform so that only the
-   defense is measured) and every configured detector on ``x`` vs ``x + W`` (full-size images).
-3. **Retraining round k >= 1** (adaptations with ``retrains = True``; TSDF's threat model):
-   the attacker runs its data preparation (attacker detector, crop, resize to the model's input
-   size) on the protected collect images; images that defeat detection drop out.  It fine-tunes
-   the round-(k-1) model on the crops it got, with the attributes of the kept images, for
-   ``[adaptations] steps``; with no crop at all the model stays unchanged (the row says so:
-   ``retrain_images = 0``, ``model_unchanged = true``).  It is then measured again on the
-   held-out eval images, against the **retrained** model's own clean forgery (``G'(x + W)`` vs
-   ``G'(x)``): the question is whether the protection still breaks the attacker's current
-   model; comparing with the original ``G(x)`` would count the model's drift as disruption (even
-   the ``none`` defense would score).  The drift itself is the column ``retrained_clean_mse``
-   (mean squared difference between ``G'(x)`` and ``G(x)``).  ``crop_kept`` (per collected image: the attacker's crop exists and
-   overlaps the clean image's crop at IoU >= 0.5) feeds the ``crop_yield`` metric.
+1. **Fit** the defense on the fit split (white-box against every configured model and the
+   white-box detectors), then **protect** the collect and eval splits (:mod:`.data` keeps the
+   roles disjoint).  Protected images are cached under ``cache/`` so ``--resume`` never refits.
+2. **Round 0** (every adaptation): the original model forges the protected eval photos at its
+   input size; ``G(purify(x + W))`` is compared with ``G(purify(x))`` (the adaptation's input
+   transform on both, so only the defense is measured), and every configured detector runs on
+   ``x`` vs ``x + W``.
+3. **Round k >= 1** (adaptations with ``retrains = True``): :mod:`.attacker` collects, prepares
+   and retrains (``g_steps`` generator updates), then forges the eval photos through its own
+   pipeline.  Each row then holds the defense measured against the retrained model (its own
+   clean forgery: ``sr_mask``), the original model (``sr_mask_orig``), the clean-retraining control
+   (``sr_mask_ctrl``, ``adaptation_gain = sr_mask_ctrl - sr_mask``) and the attacker's best
+   option (``sr_mask_worst``, with ``attacker_keeps``); ``retrained_clean_mse`` is the drift.
 
-Clean forgeries and clean detections are computed once per model / detector and shared across
-defenses, and a defense's protected detections and attacker crops once per defense, when
-optimisations are on (``[run] optimize``, :mod:`tsdf_bench.speed`); with them off every cell
-recomputes them (the papers' straightforward way; same values, see tests/test_speed.py).  A failing cell (any exception in a plugin) is stored with status ``error``, the error
-text and the traceback; the other cells go on.  Ctrl-C stops cleanly: finished cells stay stored.
-Every random step reseeds torch from (seed, step names), so a resumed run gives the rows of an
-uninterrupted one.  A chain of rounds is :meth:`Runner.start_chain` then one
-:meth:`Runner.advance` per round; :meth:`Runner.run` loops over them here, and
-:mod:`.ray_executor` runs each round as its own Ray task.
+Every rate carries its count and a 95% cluster-bootstrap interval over source photos
+(``*_n``, ``*_hits``, ``*_lo``, ``*_hi``, ``*_photos``; :mod:`tsdf_bench.stats`).  Clean forgeries and
+detections are shared across defenses when optimisations are on (:mod:`tsdf_bench.speed`).  A
+failing cell is stored with status ``error``, the error text and the traceback; the other cells go
+on.  Every random step reseeds torch from (seed, step names), so a resumed run gives the rows of
+an uninterrupted one.  :mod:`.ray_executor` runs each round of a chain as its own Ray task.
 """
 from __future__ import annotations
 
-import difflib
-import importlib
-import inspect
 import os
-import re
 import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 
 from .. import speed
 from ..config import RunConfig
-from ..errors import ConfigError, TsdfBenchError
+from ..metrics import MASK_THRESHOLD, SUCCESS_THRESHOLD, edit_mask, l2_mask
+from ..stats import photo_counts, rate
+from .attacker import Attacker, ModelChangedInPlace, _purify_key
 from .data import RunData, load_run_data, select_attrs, to_size
-from .provenance import (derived_seed, device_description, git_state, resolve_device, state_dict_hash,
-                         tensors_hash, versions)
+from .plan import Cell, check_options, create_checked, plan_cells  # noqa: F401 - re-exported
+from .provenance import derived_seed, device_description, git_state, resolve_device, state_dict_hash, tensors_hash, versions
 from .store import ResultsStore
-
-CROP_IOU_USABLE = 0.5  # a protected-image crop counts as usable at IoU >= 0.5 with the clean crop
-
-
-class Cell(NamedTuple):
-    defense: str
-    model: str
-    adaptation: str
-    round: int
-    seed: int
-
-    def key(self) -> dict:
-        return self._asdict()
-
-
-def plan_cells(cfg: RunConfig, retrains: dict[str, bool]) -> list[Cell]:
-    """Every cell of a config, in run order (seed, defense, model, adaptation, round)."""
-    cells = []
-    for seed in cfg.run.seeds:
-        for d in cfg.defenses.names:
-            for m in cfg.models.names:
-                for a in cfg.adaptations.names:
-                    rounds = range(cfg.run.rounds + 1) if retrains[a] else range(1)
-                    cells.extend(Cell(d, m, a, k, seed) for k in rounds)
-    return cells
 
 
 def _seed(seed: int, *keys) -> None:
@@ -106,7 +69,7 @@ class ChainState:
     model: object
     hash: str
     base_hash: str  # the round-0 model's
-    crop_kept: list | None = None
+    usable: list | None = None  # per collected photo: the attacker's crop is the right face
     retrain_info: dict = field(default_factory=dict)
     shared: dict = field(default_factory=dict)  # timings of the last retraining
     failure: tuple | None = None  # (exception, stage): every later round fails with it
@@ -180,7 +143,8 @@ class Runner:
         self._detectors: dict[str, object] = {}
         self._clean_fake: dict = {}
         self._clean_dets: dict = {}
-        self._clean_prep: dict = {}
+        self._controls: dict = {}
+        self.attacker = Attacker(cfg, lambda: self.data, self.detector, self.device, progress)
         self.adaptations = {n: create_checked(registry, "adaptation", n, cfg.adaptations.options_for(n))
                             for n in cfg.adaptations.names}
         self.metrics = [create_checked(registry, "metric", n, cfg.metrics.options_for(n)) for n in self.metric_names()]
@@ -368,32 +332,7 @@ class Runner:
         return _cached(self._clean_dets, name, lambda: self._detect(name, self.data.eval.images),
                        f"detector {name!r} failed on clean images")
 
-    # -- the attacker's data preparation -------------------------------------------------
-    def _prepare(self, images: torch.Tensor, size: int):
-        from ..prep import DataPreparation
-
-        prep = DataPreparation(self.detector(self.cfg.detectors.attacker), size, crop=self.cfg.detectors.crop)
-        return prep(images)
-
-    def attacker_crops(self, prot: Protected, seed: int, size: int, adaptation) -> tuple:
-        """``(crops, attrs of the kept images, crop_kept list, n_kept)`` of the protected collect split."""
-        key = (size, _purify_key(adaptation))
-        if not speed.optimizations_enabled():
-            prot.preps.pop(key, None)
-            self._clean_prep.pop(key, None)
-
-        def prepare():
-            collected = adaptation.purify(prot.collect)
-            res = self._prepare(collected, size)
-            if key not in self._clean_prep:
-                self._clean_prep[key] = self._prepare(adaptation.purify(self.data.collect.images), size)
-            crop_kept = usable_crops(self._clean_prep[key], res, collected.shape[0])
-            attrs = self.data.collect.attrs[res.kept.cpu().long()]
-            return res.crops.detach().float().cpu(), attrs, crop_kept, int(res.kept.numel())
-
-        return _cached(prot.preps, key, prepare, "the attacker's data preparation failed")
-
-    # -- cells ---------------------------------------------------------------------------
+    # -- measuring --------------------------------------------------------------------------
     def clean_reference(self, model_name: str, adaptation_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(model-size clean input, original model's forgery of it), after the adaptation's purify."""
         adaptation = self.adaptations[adaptation_name]
@@ -408,40 +347,109 @@ class Runner:
             self._clean_fake[key] = (x, fake)
         return self._clean_fake[key]
 
-    def measure(self, cell: Cell, model, prot: Protected, crop_kept, timings: dict) -> dict:
-        """Every metric of one cell."""
+    def forgeable(self, prot: Protected, size: int, adaptation):
+        """The protected eval photos as the attacker's pipeline gives them (cached per defense)."""
+        key = ("eval", size, _purify_key(adaptation))
+        if not speed.optimizations_enabled():
+            prot.preps.pop(key, None)
+        return _cached(prot.preps, key, lambda: self.attacker.forgeable(prot.eval, size, adaptation),
+                       "the attacker's preparation of the eval photos failed")
+
+    def _pair_success(self, fake_prot, reference, x) -> torch.Tensor:
+        """Per (image, target): CMUA's masked L2 above the success threshold (the forgery metric's
+        ``mask_threshold`` / ``success_threshold`` when configured)."""
+        options = self.cfg.metrics.options_for("forgery")
+        mask = edit_mask(reference, x, options.get("mask_threshold", MASK_THRESHOLD))
+        return l2_mask(fake_prot, reference, mask) > options.get("success_threshold", SUCCESS_THRESHOLD)
+
+    def _rate_columns(self, name: str, success: torch.Tensor, photos) -> dict:
+        counts = photo_counts(success.numpy(), photos)
+        r = rate(counts)
+        return {name: r["rate"], f"{name}_lo": r["lo"], f"{name}_hi": r["hi"], f"{name}_n": r["pairs"],
+                f"{name}_hits": r["successes"], f"{name}_photos": counts}
+
+    def measure(self, cell: Cell, state: ChainState, prot: Protected, timings: dict) -> dict:
+        """Every metric of one cell.
+
+        Round 0: the original model forges the protected eval photos at its input size.  Round
+        k >= 1: the attacker's pipeline prepares them (:meth:`forgeable`) and the retrained model
+        forges them, against its own clean forgery of the same crops; the same inputs are scored
+        against the original model, the clean-retraining control and the attacker's best option."""
         from ..metrics import EvalBatch
 
-        adaptation = self.adaptations[cell.adaptation]
-        x_clean, fake_clean = self.clean_reference(cell.model, cell.adaptation)
+        adaptation, model = self.adaptations[cell.adaptation], state.model
         t0 = time.perf_counter()
-        purified = adaptation.purify(prot.eval)
-        x_prot = to_size(purified, model.image_size)
-        fake_prot = self._generate(model, purified, self.data.eval.attrs, (cell.seed, "forge", *cell))
+        if cell.round == 0:
+            x_clean, reference = self.clean_reference(cell.model, cell.adaptation)
+            x_prot = to_size(adaptation.purify(prot.eval), model.image_size)
+            attrs, photos, extra = self.data.eval.attrs, self.data.eval.photos, {}
+        else:
+            fg = self.forgeable(prot, model.image_size, adaptation)
+            x_clean, x_prot, attrs = fg.clean, fg.protected, self.data.eval.attrs[fg.kept]
+            photos = [self.data.eval.photos[i] for i in fg.kept]
+            reference = self._generate(model, x_clean, attrs, (cell.seed, "own-clean", *cell)) if fg.kept else None
+            extra = {"eval_kept": len(fg.kept), "eval_dropped": fg.n_photos - len(fg.kept)}
+        forged = x_prot.shape[0] > 0  # round >= 1: nothing to forge when the pipeline dropped every photo
+        fake_prot = self._generate(model, x_prot, attrs, (cell.seed, "forge", *cell)) if forged else None
+        reference = reference if forged else None
         t1 = time.perf_counter()
         names = list(self.cfg.detectors.names)
         dets_clean = {d: self.clean_detections(d) for d in names}
         dets_prot = {d: self.protected_detections(prot, d) for d in names}
         t2 = time.perf_counter()
-        reference = fake_clean
-        if cell.round > 0:
-            # The defense is judged against the attacker's *current* model: G'(x + W) vs G'(x).
-            # Comparing with the original G(x) would count the model's own drift as disruption
-            # (the "none" defense would then score); the drift is reported on its own instead.
-            reference = self._generate(model, adaptation.purify(self.data.eval.images), self.data.eval.attrs,
-                                       (cell.seed, "own-clean", *cell))
         batch = EvalBatch(clean=x_clean, protected=x_prot, fake_clean=reference, fake_protected=fake_prot,
                           detections_clean=dets_clean, detections_protected=dets_prot,
-                          crop_kept=crop_kept if cell.round > 0 else None)
-        metrics: dict = {}
+                          crop_kept=state.usable if cell.round > 0 else None)
+        metrics: dict = dict(extra)
         for metric in self.metrics:
             metrics.update(metric.compute(batch))
-        if cell.round > 0:
-            metrics["retrained_clean_mse"] = float(((reference - fake_clean) ** 2).mean())
-        timings.update(generate_s=t1 - t0, detect_s=t2 - t1, metrics_s=time.perf_counter() - t2)
-        if cell.seed == self.cfg.run.seeds[0]:
-            self._save_sample(cell, prot, fake_clean, fake_prot)
+        if forged:
+            success = self._pair_success(fake_prot, reference, x_clean)
+            metrics.update(self._rate_columns("sr_mask", success, photos))
+            if cell.round > 0:
+                metrics.update(self._persistence(cell, state, x_clean, x_prot, reference, attrs, photos, success,
+                                                 timings))
+        t3 = time.perf_counter()
+        timings.update(generate_s=t1 - t0, detect_s=t2 - t1, metrics_s=t3 - t2)
+        if cell.seed == self.cfg.run.seeds[0] and forged:
+            self._save_sample(cell, prot, reference, fake_prot)
         return metrics
+
+    def _persistence(self, cell, state, x_clean, x_prot, reference, attrs, photos, success, timings) -> dict:
+        """The columns that tell what retraining on the protected photos did (see the attacker)."""
+        t0 = time.perf_counter()
+        base = self.model(cell.model)
+        out = {}
+        scored = {}
+        for role, model in (("orig", base), ("ctrl", self._control(cell).model)):
+            ref = self._generate(model, x_clean, attrs, (cell.seed, f"{role}-clean", *cell))
+            fake = self._generate(model, x_prot, attrs, (cell.seed, f"{role}-forge", *cell))
+            scored[role] = self._pair_success(fake, ref, x_clean)
+            out.update(self._rate_columns(f"sr_mask_{role}", scored[role], photos))
+            l2 = l2_mask(fake, ref, edit_mask(ref, x_clean))
+            out[f"l2_mask_{role}"] = float(torch.nan_to_num(l2).mean()) if l2.numel() else None
+            if role == "orig":
+                out["retrained_clean_mse"] = float(((reference - ref) ** 2).mean()) if ref.numel() else None
+        own = float(success.float().mean()) if success.numel() else None
+        out["adaptation_gain"] = out["sr_mask_ctrl"] - own if own is not None and out["sr_mask_ctrl"] is not None else None
+        # The attacker keeps its retrained model unless retraining broke it (its clean forgeries
+        # drift from the original's by more than the success threshold), and uses whichever
+        # acceptable model the protection disrupts less.
+        keeps_retrained = (out["retrained_clean_mse"] or 0.0) <= SUCCESS_THRESHOLD
+        options = {"original": scored["orig"], **({"retrained": success} if keeps_retrained else {})}
+        best = min(options, key=lambda k: float(options[k].float().mean()) if options[k].numel() else 0.0)
+        worst = self._rate_columns("sr_mask_worst", options[best], photos)
+        out.update({k: v for k, v in worst.items()}, attacker_keeps=best)
+        timings["control_measure_s"] = time.perf_counter() - t0
+        return out
+
+    def _control(self, cell: Cell):
+        base = self.model(cell.model)
+        return _cached(self._controls, (cell.model, cell.adaptation, cell.seed, cell.round),
+                       lambda: self.attacker.control(cell.model, cell.adaptation, self.adaptations[cell.adaptation],
+                                                     cell.seed, cell.round, base,
+                                                     self._discriminators.get(cell.model)),
+                       "the clean-retraining control failed")
 
     def _save_sample(self, cell: Cell, prot: Protected, fake_clean, fake_prot):
         """A few images per cell for the figures (first seed only)."""
@@ -484,50 +492,32 @@ class Runner:
         return ChainState(model, self._model_hash[cell.model], self._model_hash[cell.model])
 
     def advance(self, state: ChainState, cell: Cell, prot: Protected, *, write: bool = True, bar=None) -> ChainState:
-        """Round ``cell.round`` of a chain: retrain (rounds >= 1) from ``state``, then, if ``write``,
-        measure and store the cell.  Returns the state the next round starts from.  A round that is
-        already stored (``write=False``, after ``--resume``) still retrains, so that later rounds
-        start from the same model as in an uninterrupted run (every step is seeded)."""
+        """Round ``cell.round`` of a chain: the attacker collects, prepares and retrains (rounds
+        >= 1) from ``state``, then, if ``write``, the cell is measured and stored.  Returns the state
+        the next round starts from.  A round already stored (``write=False``, after ``--resume``)
+        still retrains, so later rounds start from the same model (every step is seeded)."""
         k = cell.round
         if state.failure is None and k > 0:
             state = replace(state, shared=dict(state.shared))
-            t0 = time.perf_counter()
             try:
                 adaptation = self.adaptations[cell.adaptation]
-                current = state.model
-                crops, attrs, state.crop_kept, n_kept = self.attacker_crops(prot, cell.seed, current.image_size,
-                                                                            adaptation)
+                t0 = time.perf_counter()
+                collection = _cached(prot.preps, ("collect", state.model.image_size, _purify_key(adaptation)),
+                                     lambda: self.attacker.collection(prot.collect, state.model.image_size, adaptation),
+                                     "the attacker's data preparation failed")
                 t1 = time.perf_counter()
-                if crops is None or n_kept == 0:
-                    state.retrain_info = {"retrain_images": 0, "model_unchanged": True}
-                else:
-                    _seed(cell.seed, "adapt", cell.defense, cell.model, cell.adaptation, k)
-                    model_attrs = select_attrs(attrs, self.data.attr_names, current.attributes,
-                                               f"model {current.name!r}")
-                    before = state.hash
-                    extra, d_net = {}, None
-                    if k == 1:
-                        self.model(cell.model)  # (in a fresh worker process: loads the trained D too)
-                        d_net = self._discriminators.get(cell.model)
-                    if d_net is not None and "discriminator" in inspect.signature(adaptation.adapt).parameters:
-                        extra["discriminator"] = d_net.to(self.device)
-                    new = adaptation.adapt(current, crops.to(self.device), model_attrs.to(self.device),
-                                           steps=self.cfg.adaptations.steps,
-                                           seed=derived_seed(cell.seed, "adapt", k) % (2 ** 31),
-                                           progress=self.progress, **extra)
-                    if state_dict_hash(current) != before:
-                        self._models.pop(cell.model, None)  # the cached model is spoilt: reload it
-                        raise TsdfBenchError(
-                            f"adaptation {cell.adaptation!r} changed the model in place; adapt() must "
-                            "return a new model and leave its input untouched")
-                    state.model = new.to(self.device).eval()
-                    state.hash = state_dict_hash(state.model)
-                    state.retrain_info = {"retrain_images": n_kept, "model_unchanged": state.hash == before}
-                    info = getattr(adaptation, "last_info", None)
-                    if isinstance(info, dict):
-                        state.retrain_info["adaptation_info"] = dict(info)
-                state.shared.update(prep_s=t1 - t0, adapt_s=time.perf_counter() - t1)
+                d_net = None
+                if k == 1:
+                    self.model(cell.model)  # (in a fresh worker process: loads the trained D too)
+                    d_net = self._discriminators.get(cell.model)
+                done = self.attacker.retrain(state.model, collection, adaptation, seed=cell.seed, k=k,
+                                             discriminator=d_net)
+                state.model, state.hash, state.usable = done.model, done.hash, collection.usable
+                state.retrain_info = done.info
+                state.shared.update(prep_s=t1 - t0, adapt_s=done.seconds)
             except Exception as exc:  # noqa: BLE001 - every later round of the chain fails with it
+                if isinstance(exc, ModelChangedInPlace):
+                    self._models.pop(cell.model, None)  # the cached model is spoilt: reload it
                 state.failure = (exc, f"retraining round {k}")
         if not write:
             return state
@@ -537,19 +527,28 @@ class Runner:
             return state
         timings = {**prot.timings, **state.shared}
         try:
-            metrics = self.measure(cell, state.model, prot, state.crop_kept, timings)
+            metrics = self.measure(cell, state, prot, timings)
         except Exception as exc:  # noqa: BLE001
             self._write_error(cell, exc, prot, bar)
             return state
-        provenance = {**self.provenance_base(), "seed": cell.seed, "checkpoint_sha256": state.hash,
-                      "base_checkpoint_sha256": state.base_hash,
-                      "perturbation_sha256": prot.perturbation_sha256, **prot.info,
-                      "adaptation_steps": self.cfg.adaptations.steps if k > 0 else 0, **state.retrain_info}
+        budget = {"g_steps": 0, "d_steps": 0} if k == 0 else {}
+        provenance = {**self.provenance_base(), **self.defense_provenance(cell.defense), "seed": cell.seed,
+                      "checkpoint_sha256": state.hash, "base_checkpoint_sha256": state.base_hash,
+                      "perturbation_sha256": prot.perturbation_sha256, **prot.info, **budget, **state.retrain_info}
+        if k > 0:
+            control = self._control(cell)
+            provenance.update(control_checkpoint_sha256=control.hash, control_retrain_images=control.info.get(
+                "retrain_images"))
         self.store.write_cell(self.run_id, cell.key(), status="ok", metrics=metrics,
                               provenance=provenance, timings=timings)
         if bar is not None:
             bar.update(1)
         return state
+
+    def defense_provenance(self, name: str) -> dict:
+        """The defense's own resolved options (its table's ``eps`` included, not the global one)."""
+        options = self.cfg.defenses.options_for(name)
+        return {"eps": options.get("eps", self.cfg.defenses.eps), "defense_options": options}
 
     def _write_error(self, cell: Cell, exc: BaseException, prot: Protected | None = None, bar=None, stage=""):
         failure = CellFailure.of(exc)
@@ -615,74 +614,3 @@ def summarize(runner: Runner, cells: list[Cell], todo: list[Cell]) -> RunSummary
     errors = [rows[tuple(c)] for c in cells if tuple(c) in rows and rows[tuple(c)]["status"] != "ok"]
     ok = sum(1 for c in cells if tuple(c) in rows and rows[tuple(c)]["status"] == "ok")
     return RunSummary(runner.run_id, runner.run_dir, len(cells), ok, errors, len(cells) - len(todo))
-
-
-SECTION_OF = {"defense": "defenses", "adaptation": "adaptations", "metric": "metrics", "model": "models",
-              "detector": "detectors"}
-
-
-def create_checked(registry, kind: str, name: str, options: dict, table: str | None = None, **extra):
-    """``registry.create`` that turns a misspelt option into a :class:`ConfigError` naming the table
-    (``table``, default ``name``), the bad key, the closest valid one and the valid ones (read from
-    the plugin's signature)."""
-    try:
-        return registry.create(kind, name, **extra, **options)
-    except TypeError as exc:
-        match = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
-        if not match:
-            raise
-        bad = match.group(1)
-        valid = _parameters(registry.get(kind, name).factory) - set(extra)
-        hint = ""
-        if valid:
-            close = difflib.get_close_matches(bad, sorted(valid), n=1, cutoff=0.4)
-            hint = (f" Did you mean {close[0]!r}?" if close else "") + f" Valid options: {', '.join(sorted(valid))}."
-        raise ConfigError(f"[{SECTION_OF[kind]}.{table or name}]: {kind} {name!r} has no option {bad!r}.{hint}") from exc
-
-
-def check_options(cfg: RunConfig, registry) -> None:
-    """Create every defense, adaptation and metric once (cheap; models and detectors are not built),
-    so a misspelt plugin option fails before any work starts."""
-    for name in cfg.defenses.names:
-        create_checked(registry, "defense", cfg.defenses.plugin_for(name), cfg.defenses.options_for(name), table=name,
-                       seed=0, device="cpu")
-    for name in cfg.adaptations.names:
-        create_checked(registry, "adaptation", name, cfg.adaptations.options_for(name))
-    for name in cfg.metrics.names:
-        create_checked(registry, "metric", name, cfg.metrics.options_for(name))
-
-
-def _parameters(factory) -> set[str]:
-    """Keyword parameters of a plugin factory (a class, a function or a ``lazy(...)`` target)."""
-    target = getattr(factory, "target", None)
-    if target:
-        module, _, attr = target.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module), attr)
-        except Exception:  # noqa: BLE001
-            return set()
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return set()
-    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
-
-
-def _purify_key(adaptation, name: str = "") -> str:
-    """Adaptations that keep the base identity ``purify`` share one cache entry."""
-    from ..adaptations.base import Adaptation
-
-    if type(adaptation).purify is Adaptation.purify:
-        return "identity"
-    return name or type(adaptation).__name__
-
-
-def usable_crops(clean, protected, n: int) -> list[bool]:
-    """Per collected image: the attacker got a crop, and it overlaps the clean image's crop at
-    IoU >= 0.5 (:func:`tsdf_bench.prep.crop_ious`).  Where the clean image itself yields no crop
-    there is no reference, and a crop of the protected image counts as usable."""
-    from ..prep import crop_ious
-
-    ious = crop_ious(clean, protected)
-    kept = {int(k) for k in protected.kept.tolist()}
-    return [(ious[i] >= CROP_IOU_USABLE) if i in ious else (i in kept) for i in range(n)]

@@ -1,0 +1,184 @@
+"""The attacker of TSDF's threat model, in one place (see ``docs/threat-model.md``).
+
+After a person posts protected photos, the attacker
+
+1. **collects** them (the run's ``collect`` split, protected by the defense);
+2. **prepares** them like a face-editing pipeline does: its detector (``[detectors] attacker``)
+   finds a face, the crop (``[detectors] crop``; ``"frame"`` reproduces the framing the models
+   were trained on) cuts it, resized to the model's input.  A photo that yields no face drops out:
+   this is where poisoning bites;
+3. **retrains** its current model on the crops it got (the adaptation, ``g_steps`` generator
+   updates per round);
+4. **forges** other protected photos (the ``eval`` split) through the same preparation: a photo
+   the pipeline drops cannot be forged, and is counted (``eval_dropped``), not skipped silently.
+
+Per (model, adaptation, round, seed) the attacker also retrains a **control** model with the same
+budget and seed on the *clean* versions of the same collection: shared by every defense, it
+separates "retraining on the protected photos removed the protection" from "the model changed".
+
+A collected crop is *usable* (:func:`usable_crops`) when it overlaps the clean photo's crop at
+IoU >= 0.5: the attacker got the right face.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import TsdfBenchError
+from .data import select_attrs
+from .provenance import derived_seed, state_dict_hash
+
+CROP_IOU_USABLE = 0.5
+
+
+@dataclass
+class Collection:
+    """What the attacker's preparation made of a set of photos (one model input size)."""
+
+    crops: torch.Tensor  # [K, 3, s, s] of the kept photos
+    attrs: torch.Tensor  # their attribute rows (all data columns)
+    kept: list  # indices of the kept photos
+    n_photos: int
+    usable: list | None = None  # per photo: the crop overlaps the clean crop (collections only)
+
+
+@dataclass
+class Forgeable:
+    """The eval photos as the attacker's pipeline gives them: protected crops and clean crops cut
+    with the same geometry (so only the perturbation differs), for the photos it kept."""
+
+    protected: torch.Tensor
+    clean: torch.Tensor
+    kept: list
+    n_photos: int
+
+
+@dataclass
+class Retrained:
+    """A model after a retraining round, with what the round did."""
+
+    model: object
+    hash: str
+    info: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class ModelChangedInPlace(TsdfBenchError):
+    """An adaptation modified the model it was given (it must return a new one)."""
+
+
+def usable_crops(clean, protected, n: int) -> list[bool]:
+    """Per photo: the attacker got a crop and it overlaps the clean photo's crop at IoU >= 0.5
+    (:func:`tsdf_bench.prep.crop_ious`).  Where the clean photo yields no crop there is no
+    reference, and a crop of the protected photo counts as usable."""
+    from ..prep import crop_ious
+
+    ious = crop_ious(clean, protected)
+    kept = {int(k) for k in protected.kept.tolist()}
+    return [(ious[i] >= CROP_IOU_USABLE) if i in ious else (i in kept) for i in range(n)]
+
+
+class Attacker:
+    """The attacker for one run: ``cfg`` (the run config), ``data`` (a callable giving the
+    :class:`~tsdf_bench.harness.data.RunData`), ``detector`` (name -> loaded detector), ``device``."""
+
+    def __init__(self, cfg, data, detector, device, progress: bool = False):
+        self.cfg, self._data, self._detector, self.device, self.progress = cfg, data, detector, device, progress
+        self._clean: dict = {}
+        self._controls: dict = {}
+
+    @property
+    def data(self):
+        return self._data()
+
+    def preparation(self, size: int):
+        from ..prep import DataPreparation
+
+        return DataPreparation(self._detector(self.cfg.detectors.attacker), size, crop=self.cfg.detectors.crop)
+
+    # -- 1-2: collect and prepare ------------------------------------------------------------
+    def collection(self, photos: torch.Tensor, size: int, adaptation) -> Collection:
+        """The attacker's crops of ``photos`` (protected ``collect`` photos) after ``adaptation.purify``."""
+        prep = self.preparation(size)
+        res = prep(adaptation.purify(photos))
+        clean = self._clean_prep("collect", size, adaptation)
+        usable = usable_crops(clean, res, photos.shape[0])
+        kept = res.kept.cpu().long()
+        return Collection(res.crops.detach().float().cpu(), self.data.collect.attrs[kept], kept.tolist(),
+                          photos.shape[0], usable)
+
+    def clean_collection(self, size: int, adaptation) -> Collection:
+        """The same preparation of the clean ``collect`` photos (what the control retrains on)."""
+        res = self._clean_prep("collect", size, adaptation)
+        kept = res.kept.cpu().long()
+        return Collection(res.crops.detach().float().cpu(), self.data.collect.attrs[kept], kept.tolist(),
+                          self.data.collect.images.shape[0])
+
+    def _clean_prep(self, split: str, size: int, adaptation):
+        key = (split, size, _purify_key(adaptation))
+        if key not in self._clean:
+            self._clean[key] = self.preparation(size)(adaptation.purify(getattr(self.data, split).images))
+        return self._clean[key]
+
+    # -- 4: forge ----------------------------------------------------------------------------
+    def forgeable(self, protected_eval: torch.Tensor, size: int, adaptation) -> Forgeable:
+        """The protected eval photos through the attacker's pipeline, and the clean photos cut with
+        the geometry found on the protected ones."""
+        prep = self.preparation(size)
+        res = prep(adaptation.purify(protected_eval))
+        clean = prep.crop_like(adaptation.purify(self.data.eval.images), res)
+        return Forgeable(res.crops.detach().float().cpu(), clean.detach().float().cpu(), res.kept.tolist(),
+                         protected_eval.shape[0])
+
+    # -- 3: retrain --------------------------------------------------------------------------
+    def retrain(self, model, collection: Collection, adaptation, *, seed: int, k: int, discriminator=None) -> Retrained:
+        """Round ``k``: ``adaptation.adapt`` a copy of ``model`` on ``collection`` for ``g_steps``.
+        The seed depends on (seed, round) only, so the control and every defense train alike."""
+        t0 = time.perf_counter()
+        before = state_dict_hash(model)
+        if collection.crops.shape[0] == 0:
+            return Retrained(model, before, {"retrain_images": 0, "model_unchanged": True,
+                                             "g_steps": 0, "d_steps": 0}, time.perf_counter() - t0)
+        attrs = select_attrs(collection.attrs, self.data.attr_names, model.attributes, f"model {model.name!r}")
+        extra = {}
+        if discriminator is not None:
+            extra["discriminator"] = discriminator.to(self.device)
+        torch.manual_seed(derived_seed(seed, "adapt-torch", k))
+        new = adaptation.adapt(model, collection.crops.to(self.device), attrs.to(self.device),
+                               steps=self.cfg.adaptations.g_steps, seed=derived_seed(seed, "adapt", k) % (2 ** 31),
+                               progress=self.progress, **extra)
+        if state_dict_hash(model) != before:
+            raise ModelChangedInPlace(f"adaptation {getattr(adaptation, 'name', adaptation)!r} changed the model in "
+                                 "place; adapt() must return a new model and leave its input untouched")
+        new = new.to(self.device).eval()
+        digest = state_dict_hash(new)
+        info = {"retrain_images": collection.crops.shape[0], "model_unchanged": digest == before}
+        last = getattr(adaptation, "last_info", None)
+        if isinstance(last, dict):
+            info.update({k_: last[k_] for k_ in ("g_steps", "d_steps", "n_critic", "lr", "lr_d", "reg_every")
+                         if k_ in last})
+            info["adaptation_info"] = dict(last)
+        return Retrained(new, digest, info, time.perf_counter() - t0)
+
+    def control(self, name: str, adaptation_name: str, adaptation, seed: int, k: int, base, discriminator=None):
+        """The clean-retraining control of round ``k`` (cached: computed once per (model,
+        adaptation, seed, round) and shared by every defense).  ``base`` is the round-0 model."""
+        key = (name, adaptation_name, seed, k)
+        if key not in self._controls:
+            previous = base if k == 1 else self.control(name, adaptation_name, adaptation, seed, k - 1, base,
+                                                        discriminator).model
+            clean = self.clean_collection(base.image_size, adaptation)
+            self._controls[key] = self.retrain(previous, clean, adaptation, seed=seed, k=k,
+                                               discriminator=discriminator if k == 1 else None)
+        return self._controls[key]
+
+
+def _purify_key(adaptation, name: str = "") -> str:
+    """Adaptations that keep the base identity ``purify`` share one cache entry."""
+    from ..adaptations.base import Adaptation
+
+    if type(adaptation).purify is Adaptation.purify:
+        return "identity"
+    return name or type(adaptation).__name__
