@@ -366,3 +366,19 @@ def test_facepoison_moves_detector_features_more_than_noise():
                                 average_gradients=False).fit(x, None, [], dets)
     one, two = alt.perturbation_for(x), alt.perturbation_for(x)
     assert torch.equal(one, two) and one.abs().max() <= 0.05 + 1e-7
+
+
+def test_paper_config_names_the_official_behaviours():
+    from pathlib import Path
+
+    from tsdf_bench.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.toml")
+    reg = get_registry()
+    make = lambda n: reg.create("defense", cfg.defenses.plugin_for(n), **cfg.defenses.options_for(n))  # noqa: E731
+    tsdf, cmua_, found = make("tsdf"), make("cmua"), make("found")
+    assert tsdf.poison_schedule == "release" and tsdf.poison_steps == 50 and tsdf.mask_mode == "weight"
+    assert cmua_.model_order == ["stargan", "attentiongan", "hisd", "attgan"]
+    assert cmua_.w_start_models == {"hisd"} and cmua_.target_offsets == {"hisd": 0.002}
+    # FOUND and TSDF attack the same target set
+    assert (found.max_targets, found.targets) == (tsdf.max_targets, tsdf.targets)
