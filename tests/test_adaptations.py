@@ -157,8 +157,11 @@ def test_retrain_real_stargan_smoke(registry):
 
 
 def test_retrain_penalty_interval_follows_the_models_training(registry, monkeypatch):
-    """Demo models were trained with lazy regularisation (every 4th D step); the attacker fine-tunes
-    them the same way unless ``reg_every`` says otherwise; other scales get the official every step."""
+    """Demo models were trained with lazy regularisation (every 4th D step, recorded by the zoo as the
+    model's ``train_recipe``); the attacker fine-tunes them the same way unless ``reg_every`` says
+    otherwise; a model without a recipe (official weights) gets the official every step."""
+    from tsdf_bench.models.zoo import recipe_for
+
     import tsdf_bench.models.training as training
 
     seen = []
@@ -173,8 +176,9 @@ def test_retrain_penalty_interval_follows_the_models_training(registry, monkeypa
     attrs = torch.tensor([[1., 0., 0., 1., 0.], [0., 1., 0., 0., 1.]])
     retrain = registry.create("adaptation", "retrain", batch_size=2)
     demo = registry.create("model", "stargan", scale="demo")
+    demo.train_recipe = recipe_for("stargan", "demo")
     retrain.adapt(demo, crops, attrs, steps=1, seed=0)
-    assert retrain.last_info["reg_every"] == 4
+    assert retrain.last_info["reg_every"] == 4 and retrain.last_info["n_critic"] == 1
     smoke = registry.create("model", "stargan", scale="smoke")
     retrain.adapt(smoke, _images(2, 32), attrs, steps=1, seed=0)
     fixed = registry.create("adaptation", "retrain", batch_size=2, reg_every=2)

@@ -96,7 +96,7 @@ def test_run_produces_expected_rows(tmp_path):
         else:
             assert 0 <= r["fake_crop_yield"] <= 1 and r["retrain_images"] == 6 and not r["model_unchanged"]
             assert r["checkpoint_sha256"] != r["base_checkpoint_sha256"]
-            assert r["adaptation_info"] == {"images": 6, "steps": 3} and "retrained_clean_mse" in r
+            assert r["adaptation_info"] == {"images": 6, "g_steps": 3} and "retrained_clean_mse" in r
     # retraining changes the forgeries; each round builds on the previous one
     r0, r1, r2 = (by_key[("fake-shift", "fake-gan", "fake-retrain", k, 0)] for k in range(3))
     assert len({r0["fake_l2"], r1["fake_l2"], r2["fake_l2"]}) == 3

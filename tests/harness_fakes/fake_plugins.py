@@ -122,7 +122,7 @@ class FakeRetrain(Adaptation):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             new.conv.bias.add_(crops.mean() * 0.01 * steps + torch.randn(3, generator=g) * 0.01)
-        self.last_info = {"images": int(crops.shape[0]), "steps": steps}
+        self.last_info = {"images": int(crops.shape[0]), "g_steps": steps}
         return new
 
 

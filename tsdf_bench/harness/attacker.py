@@ -154,7 +154,8 @@ class Attacker:
                                  "place; adapt() must return a new model and leave its input untouched")
         new = new.to(self.device).eval()
         digest = state_dict_hash(new)
-        info = {"retrain_images": collection.crops.shape[0], "model_unchanged": digest == before}
+        info = {"retrain_images": collection.crops.shape[0], "model_unchanged": digest == before,
+                "g_steps_budget": self.cfg.adaptations.g_steps}
         last = getattr(adaptation, "last_info", None)
         if isinstance(last, dict):
             info.update({k_: last[k_] for k_ in ("g_steps", "d_steps", "n_critic", "lr", "lr_d", "reg_every")

@@ -1,0 +1,90 @@
+"""The attacker: its control retraining, its budget in generator updates, and the usable-crop rule."""
+import torch
+
+from test_runner import CONFIG, run
+from tsdf_bench.harness import attacker as attacker_module
+
+ZERO = CONFIG.replace('["fake-shift", "fake-perimage", "fake-broken"]', '["fake-shift", "fake-zero"]') \
+    .replace('names = ["fake-gan", "fake-gan8"]', 'names = ["fake-gan"]').replace("seeds = [0, 1]", "seeds = [0]") \
+    .replace('names = ["fake-retrain", "fake-purify"]', 'names = ["fake-retrain"]') \
+    + '\n[defenses.fake-zero]\nplugin = "fake-shift"\nstrength = 0.0\n'
+
+
+def test_control_is_computed_once_per_model_round_seed_and_shared(tmp_path, monkeypatch):
+    calls = []
+    real = attacker_module.Attacker.retrain
+
+    def counted(self, model, collection, adaptation, **kw):
+        calls.append(kw["k"])
+        return real(self, model, collection, adaptation, **kw)
+
+    monkeypatch.setattr(attacker_module.Attacker, "retrain", counted)
+    rows = run(tmp_path, ZERO).rows
+    assert all(r["status"] == "ok" for r in rows)
+    # 2 defenses x rounds 1, 2 + one control chain (rounds 1, 2) shared by both
+    assert sorted(calls) == [1, 1, 1, 2, 2, 2]
+    for k in (1, 2):
+        at_k = [r for r in rows if r["round"] == k]
+        assert len({r["control_checkpoint_sha256"] for r in at_k}) == 1
+        for r in at_k:
+            assert {"sr_mask_ctrl", "l2_mask_ctrl", "adaptation_gain", "sr_mask_worst", "sr_mask_lo", "sr_mask_hi",
+                    "sr_mask_n", "g_steps", "eval_dropped"} <= set(r)
+
+
+def test_zero_perturbation_gets_zero_adaptation_gain(tmp_path):
+    rows = run(tmp_path, ZERO).rows
+    zero = [r for r in rows if r["defense"] == "fake-zero" and r["round"] > 0]
+    assert zero and all(r["adaptation_gain"] == 0 for r in zero)
+    assert all(r["checkpoint_sha256"] == r["control_checkpoint_sha256"] for r in zero)  # same data, same seed
+    shift = [r for r in rows if r["defense"] == "fake-shift" and r["round"] > 0]
+    assert all(r["checkpoint_sha256"] != r["control_checkpoint_sha256"] for r in shift)
+
+
+def test_retrain_g_steps_counts_generator_optimizer_steps(monkeypatch):
+    from tsdf_bench.models import training
+    from tsdf_bench.plugins import get_registry
+
+    optimizers = []
+    real_adam = training._adam
+
+    def counting_adam(params, lr, betas):
+        opt = real_adam(params, lr, betas)
+        opt.calls = 0
+        step = opt.step
+
+        def counted(*a, **kw):
+            opt.calls += 1
+            return step(*a, **kw)
+
+        opt.step = counted
+        optimizers.append(opt)
+        return opt
+
+    monkeypatch.setattr(training, "_adam", counting_adam)
+    registry = get_registry()
+    model = registry.create("model", "stargan", scale="smoke")
+    model.train_recipe = {"n_critic": 3, "lr": 2e-4, "lr_d": 2e-4, "reg_every": 1}
+    retrain = registry.create("adaptation", "retrain", batch_size=4)
+    torch.manual_seed(0)
+    crops = torch.rand(6, 3, model.image_size, model.image_size) * 2 - 1
+    attrs = (torch.rand(6, len(model.attributes)) > 0.5).float()
+    retrain.adapt(model, crops, attrs, steps=4, seed=0, discriminator=model.make_discriminator())
+    g_opt, d_opt = optimizers[:2]
+    assert g_opt.calls == 4 and d_opt.calls == 12  # n_critic from the model's recipe
+    info = retrain.last_info
+    assert info["g_steps"] == 4 and info["d_steps"] == 12 and info["n_critic"] == 3
+    assert info["lr"] == 2e-4 and info["schedule_source"] == "model recipe"
+
+
+def test_usable_crop_rule():
+    from tsdf_bench.prep import PrepResult
+
+    def result(kept, boxes):
+        boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        return PrepResult(torch.zeros(len(kept), 3, 4, 4), torch.tensor(kept, dtype=torch.long), boxes, boxes,
+                          torch.ones(len(kept)))
+
+    clean = result([0, 1], [[0, 0, 10, 10], [0, 0, 10, 10]])
+    protected = result([0, 2], [[0, 0, 10, 10], [5, 5, 9, 9]])
+    # photo 0: same crop; photo 1: lost; photo 2: no clean reference, a crop counts
+    assert attacker_module.usable_crops(clean, protected, 3) == [True, False, True]

@@ -1,0 +1,44 @@
+"""Counts and cluster-bootstrap intervals (tsdf_bench.stats)."""
+import numpy as np
+import pytest
+
+from tsdf_bench.stats import merge_counts, paired_difference, photo_counts, rate, wilson
+
+
+def test_photo_counts_group_pairs_by_source_photo():
+    success = np.array([[1, 0, 1], [0, 0, 0], [1, 1, 1]])
+    assert photo_counts(success, ["a", "b", "a"]) == {"a": [5, 6], "b": [0, 3]}
+    assert merge_counts({"a": [1, 2]}, {"a": [2, 2], "b": [0, 1]}) == {"a": [3, 4], "b": [0, 1]}
+
+
+def test_rate_interval_reference_values():
+    # every photo at the same rate: the bootstrap cannot move it
+    same = rate({"a": [3, 6], "b": [1, 2], "c": [2, 4]})
+    assert same["rate"] == same["lo"] == same["hi"] == 0.5 and same["pairs"] == 12 and same["successes"] == 6
+    # two photos, one always broken, one never: resampling two photos gives 0, 1/2 or 1 -> 95% span [0, 1]
+    split = rate({"a": [5, 5], "b": [0, 5]})
+    assert split["rate"] == 0.5 and split["lo"] == 0.0 and split["hi"] == 1.0
+    # many photos: the interval is narrower than the pair-level range and contains the rate
+    many = rate({f"p{i}": [i % 4, 4] for i in range(40)})
+    assert many["lo"] < many["rate"] < many["hi"] and many["hi"] - many["lo"] < 0.3
+    assert rate({})["rate"] is None
+
+
+def test_wilson_matches_the_textbook_value():
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    assert wilson(0, 0) == (None, None)
+
+
+def test_paired_difference_and_persistence():
+    a = {f"p{i}": [3, 4] for i in range(20)}
+    b = {f"p{i}": [1, 4] for i in range(20)}
+    d = paired_difference(a, b)
+    assert d["diff"] == pytest.approx(0.5) and d["excludes_zero"] and d["photos"] == 20
+    assert paired_difference(a, a)["diff"] == 0 and not paired_difference(a, a)["excludes_zero"]
+    # persistence: a keeps 3/4 of its round-0 rate, b keeps 1/4 of its own
+    a0 = {f"p{i}": [4, 4] for i in range(20)}
+    b0 = {f"p{i}": [4, 4] for i in range(20)}
+    p = paired_difference(a, b, a0, b0)
+    assert p["diff"] == pytest.approx(0.5) and p["excludes_zero"]
+    assert paired_difference({"x": [1, 1]}, {"y": [1, 1]})["diff"] is None  # no shared photo
