@@ -1,38 +1,21 @@
 """Tests of the HiSD model plugin (plugins/tsdf_bench_plugins/models/hisd.py)."""
-import importlib.util
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from official_refs import hisd_reference_image, layout, official_state_dict, reference, reference_input
 from tsdf_bench.errors import CheckpointError, ConfigError
 from tsdf_bench_plugins.models.hisd import HiSD, HiSDDiscriminator
-
-LAYOUTS = Path(__file__).resolve().parents[1].parent / "shared" / "official-layouts"
-
-
-def _make_weights():
-    path = LAYOUTS / "make_weights.py"
-    if not path.is_file() or not (LAYOUTS / "hisd_layout.json").is_file():
-        pytest.skip(f"official layouts not found at {LAYOUTS} (../shared/official-layouts beside the repo)")
-    spec = importlib.util.spec_from_file_location("make_weights", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def official():
     """The paper-scale model with the layout's deterministic weights, run on the documented inputs."""
-    mw = _make_weights()
     model = HiSD("paper")
-    model.load_state_dict(mw.make_state_dict(str(LAYOUTS / "hisd_layout.json")), strict=True)
+    model.load_state_dict(official_state_dict("hisd"), strict=True)
     model.eval()
-    x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (2, 3, 256, 256)).astype(np.float32))
-    ref = torch.from_numpy(np.random.default_rng(1).uniform(-1, 1, (1, 3, 256, 256)).astype(np.float32))
-    meta = json.loads((LAYOUTS / "references.json").read_text())["hisd"]
+    x, ref = reference_input(), hisd_reference_image()
+    ref_npz, meta = reference("hisd")
     tag = meta["tag"]
     with torch.no_grad():
         e = model.encode(x)
@@ -43,15 +26,14 @@ def official():
     # the stored e / e_trg are of the first image only ([1, 256, 64, 64])
     got = {"e": e[:1], "e_trg": e_trg[:1], "style": s, "out": out, "out_no_translate": out_no_translate,
            "c": torch.tensor([float(tag)])}
-    return model, got, meta, np.load(LAYOUTS / "hisd_reference.npz"), x, ref
+    return model, got, meta, ref_npz, x, ref
 
 
 def test_paper_layout_matches_official_keys_and_count():
-    _make_weights()  # skips when the layouts are absent
-    layout = json.loads((LAYOUTS / "hisd_layout.json").read_text())
+    spec = layout("hisd")
     sd = HiSD("paper").state_dict()
-    assert [(k, list(v.shape)) for k, v in sd.items()] == [(k, s) for k, s, _ in layout["state_dict"]]
-    assert sum(v.numel() for v in sd.values()) == layout["num_params"]
+    assert [(k, list(v.shape)) for k, v in sd.items()] == [(k, s) for k, s, _ in spec["state_dict"]]
+    assert sum(v.numel() for v in sd.values()) == spec["num_params"]
 
 
 def test_paper_outputs_match_official_reference(official):

@@ -152,8 +152,8 @@ def _embedded(d):
 def _celeba(d, attributes):
     from ..data.celeba import CelebA
 
-    train = CelebA(d.path, split="train", protocol=d.protocol, image_size=d.image_size, attrs=attributes)
-    test = CelebA(d.path, split="test", protocol=d.protocol, image_size=d.image_size, attrs=attributes)
+    kw = dict(protocol=d.protocol, image_size=d.image_size, attrs=attributes, check_files=d.check_files)
+    train, test = CelebA(d.path, split="train", **kw), CelebA(d.path, split="test", **kw)
     _need("CelebA training images for fit", len(train), d.n_train_defense, "lower n_train_defense")
     fit = train.faceset(n=d.n_train_defense)
     identity_file = Path(d.path).expanduser() / "identity_CelebA.txt"
@@ -183,6 +183,8 @@ def _celeba(d, attributes):
         person = {}
         kind = "celeba-cmua-rows"
         note = "no identity_CelebA.txt: CMUA's row split; collect and eval are disjoint test rows (persons unknown)"
+
+    test.require(collect_idx + eval_idx)  # every file the run reads, before reading any
 
     def load(idx):
         images = torch.stack([test[i][0] for i in idx]) if idx else torch.zeros(0, 3, d.image_size, d.image_size)

@@ -139,6 +139,7 @@ class Runner:
         self._data = data
         self._models: dict[str, object] = {}
         self._model_hash: dict[str, str] = {}
+        self._model_record: dict[str, dict] = {}  # model -> checkpoint file path, its sha256, random_init
         self._discriminators: dict[str, object] = {}  # model -> its trained D (None: G-only checkpoint)
         self._detectors: dict[str, object] = {}
         self._clean_fake: dict = {}
@@ -197,29 +198,33 @@ class Runner:
         return _cached(self._models, name, load, f"model {name!r} failed to load")
 
     def _load_model(self, name: str):
-        """A model with a checkpoint, or at paper scale, comes from its plugin; a demo/smoke model
-        without one is trained on first use by :func:`tsdf_bench.models.zoo.get_model` (cached)."""
+        """A model with a checkpoint, or at paper scale, comes from its plugin (a paper-scale model
+        without a checkpoint is an error unless ``random_init = true``); a demo/smoke model without
+        one is trained on first use by :func:`tsdf_bench.models.zoo.get_model` (cached)."""
+        from ..models import checkpoints
+
         cfg = self.cfg
-        options = cfg.models.options_for(name)
+        options, random_init = checkpoints.model_options(name, cfg.run.scale, cfg.models.options_for(name),
+                                                         self.registry)
         if "checkpoint" in options or cfg.run.scale == "paper" or not cfg.models.train:
             self.log(f"loading model {name} ({cfg.run.scale} scale)")
             model = self.registry.create("model", name, scale=cfg.run.scale, **options)
+            self._model_record[name] = checkpoints.checkpoint_record(options, random_init)
         else:
-            from ..models.zoo import get_model
+            from ..models.zoo import get_model, model_path
 
-            train_data = None
-            gen = self.data.generator_train
-            if gen is not None:  # None: the zoo's embedded training persons (never a protected one)
-                train_data = (gen.images, gen.attrs, self.data.attr_names)
+            reference = options.pop("reference", None)  # HiSD's reference image: set after training
+            gen = self.data.generator_train  # None: the zoo's embedded training persons (never a protected one)
+            train_data = None if gen is None else (gen.images, gen.attrs, self.data.attr_names)
             self.log(f"loading model {name} ({cfg.run.scale} scale; trained on first use)")
             model = get_model(name, scale=cfg.run.scale, registry=self.registry, train_data=train_data,
                               progress=self.progress, device=self.device, **options)
+            if reference is not None:
+                model.set_reference(reference)
+            path = model_path(name, cfg.run.scale, options.get("seed", 0))
+            self._model_record[name] = checkpoints.checkpoint_record({"checkpoint": path})
             # the attacker trained this model, so it also has its discriminator for retraining
-            from ..models.checkpoints import load_discriminator
-            from ..models.zoo import model_path
-
-            self._discriminators[name] = load_discriminator(model, model_path(name, cfg.run.scale,
-                                                                             options.get("seed", 0)))
+            self._discriminators[name] = checkpoints.load_discriminator(model, path)
         return speed.channels_last(model.to(self.device).eval())
 
     def detector(self, name: str):
@@ -310,7 +315,7 @@ class Runner:
             digest = tensors_hash(protected["collect"] - data.collect.images, protected["eval"] - data.eval.images)
         info = {"defense_plugin": plugin, "fit_models": [m.name for m in models],
                 "fit_detectors": [getattr(d, "name", "?") for d in detectors],
-                "fit_problems": model_problems}
+                "fit_problems": model_problems, **getattr(defense, "info", {})}
         result = Protected(protected["collect"], protected["eval"], digest,
                            {"fit_s": t1 - t0, "protect_s": t2 - t1}, info)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -534,6 +539,8 @@ class Runner:
         budget = {"g_steps": 0, "d_steps": 0} if k == 0 else {}
         provenance = {**self.provenance_base(), **self.defense_provenance(cell.defense), "seed": cell.seed,
                       "checkpoint_sha256": state.hash, "base_checkpoint_sha256": state.base_hash,
+                      **{"checkpoint_file_sha256" if k == "checkpoint_sha256" else k: v
+                         for k, v in self._model_record.get(cell.model, {}).items()},
                       "perturbation_sha256": prot.perturbation_sha256, **prot.info, **budget, **state.retrain_info}
         if k > 0:
             control = self._control(cell)
