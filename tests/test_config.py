@@ -112,7 +112,7 @@ def test_resolved_toml_round_trips(tmp_path):
                                   "poison-retinaface.toml"])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(ROOT / "configs" / name)
-    from tsdf_bench.harness.runner import check_options
+    from tsdf_bench.harness.plan import check_options
     from tsdf_bench.plugins import get_registry
 
     check_names(cfg, get_registry())
@@ -135,7 +135,7 @@ def test_shipped_configs_are_valid(name):
 @pytest.mark.parametrize("name", ["demo.toml", "paper.toml", "smoke.toml"])
 def test_shipped_configs_match_the_builtin_plugins(name):
     """Every plugin name and option of the shipped configs exists (nothing heavy is built)."""
-    from tsdf_bench.harness.runner import check_options
+    from tsdf_bench.harness.plan import check_options
 
     registry = Registry()
     cfg = load_config(ROOT / "configs" / name)

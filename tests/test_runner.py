@@ -6,7 +6,7 @@ import torch
 
 from tsdf_bench.config import load_config
 from tsdf_bench.harness import ResultsStore, run_config
-from tsdf_bench.harness.runner import Cell, plan_cells
+from tsdf_bench.harness.plan import Cell, plan_cells
 from tsdf_bench.plugins import Registry
 
 FAKES = Path(__file__).parent / "harness_fakes"

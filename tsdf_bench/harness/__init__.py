@@ -5,7 +5,8 @@
 :mod:`.ray_executor`), :class:`ResultsStore` keeps them (SQLite), :mod:`.figures`
 draws them, :mod:`.provenance` records what is needed to reproduce each row.
 """
-from .runner import Cell, Runner, RunSummary, plan_cells
+from .plan import Cell, plan_cells
+from .runner import Runner, RunSummary
 from .session import RunOutputs, open_run, run_config
 from .store import ResultsStore, StoreError
 

@@ -430,7 +430,7 @@ def _soft(rec: _Recorder, kind, name, fn):
 
 def _create(registry, kind, name, options, **extra) -> str:
     try:  # the runner's creation: a misspelt option names the table and the closest valid option
-        from .runner import create_checked
+        from .plan import create_checked
     except ImportError:
         create_checked = None
     if create_checked is not None:

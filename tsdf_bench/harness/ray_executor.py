@@ -38,7 +38,9 @@ from pathlib import Path
 from .. import speed
 from ..errors import ConfigError
 from ..paths import CACHE_ENV, cache_root
-from .runner import Cell, CellFailure, Runner, RunSummary, summarize
+from .plan import Cell
+from .runner import Runner, RunSummary, summarize
+from .state import CellFailure
 
 _RUNNERS: dict[str, Runner] = {}  # in a worker process: run id -> its Runner
 

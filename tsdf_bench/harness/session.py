@@ -23,7 +23,8 @@ from pathlib import Path
 
 from ..config import RunConfig, check_names, from_dict, to_toml, _unresolve
 from ..errors import ConfigError
-from .runner import Runner, RunSummary, check_options
+from .plan import check_options
+from .runner import Runner, RunSummary
 from .store import ResultsStore
 
 DB_NAME = "results.sqlite"

@@ -1,0 +1,162 @@
+"""Measuring a cell: forgeries of the protected eval photos, every metric plugin, and after
+retraining the original model, the clean-retraining control and the attacker's best option."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .. import speed
+from ..metrics import MASK_THRESHOLD, SUCCESS_THRESHOLD, edit_mask, l2_mask
+from ..stats import photo_counts, rate
+from .attacker import _purify_key
+from .data import to_size
+from .plan import Cell
+from .state import ChainState, Protected, _cached, _Failed
+
+
+class MeasureMixin:
+    """:class:`~tsdf_bench.harness.runner.Runner`'s measuring stage (see :meth:`measure`)."""
+
+    def clean_reference(self, model_name: str, adaptation_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model-size clean input, original model's forgery of it), after the adaptation's purify."""
+        adaptation = self.adaptations[adaptation_name]
+        key = (model_name, _purify_key(adaptation, adaptation_name))
+        if not speed.optimizations_enabled():
+            self._clean_fake.pop(key, None)
+        if key not in self._clean_fake:
+            model = self.model(model_name)
+            clean = adaptation.purify(self.data.eval.images)
+            x = to_size(clean, model.image_size)
+            fake = self._generate(model, clean, self.data.eval.attrs, (0, "clean", model_name))
+            self._clean_fake[key] = (x, fake)
+        return self._clean_fake[key]
+
+    def forgeable(self, prot: Protected, size: int, adaptation):
+        """The protected eval photos as the attacker's pipeline gives them (cached per defense)."""
+        key = ("eval", size, _purify_key(adaptation))
+        if not speed.optimizations_enabled():
+            prot.preps.pop(key, None)
+        return _cached(prot.preps, key, lambda: self.attacker.forgeable(prot.eval, size, adaptation),
+                       "the attacker's preparation of the eval photos failed")
+
+    def _pair_success(self, fake_prot, reference, x) -> torch.Tensor:
+        """Per (image, target): CMUA's masked L2 above the success threshold (the forgery metric's
+        ``mask_threshold`` / ``success_threshold`` when configured)."""
+        options = self.cfg.metrics.options_for("forgery")
+        mask = edit_mask(reference, x, options.get("mask_threshold", MASK_THRESHOLD))
+        return l2_mask(fake_prot, reference, mask) > options.get("success_threshold", SUCCESS_THRESHOLD)
+
+    def _rate_columns(self, name: str, success: torch.Tensor, photos) -> dict:
+        counts = photo_counts(success.numpy(), photos)
+        r = rate(counts)
+        return {name: r["rate"], f"{name}_lo": r["lo"], f"{name}_hi": r["hi"], f"{name}_n": r["pairs"],
+                f"{name}_hits": r["successes"], f"{name}_photos": counts}
+
+    def measure(self, cell: Cell, state: ChainState, prot: Protected, timings: dict) -> dict:
+        """Every metric of one cell.
+
+        Round 0: the original model forges the protected eval photos at its input size.  Round
+        k >= 1: the attacker's pipeline prepares them (:meth:`forgeable`) and the retrained model
+        forges them, against its own clean forgery of the same crops; the same inputs are scored
+        against the original model, the clean-retraining control and the attacker's best option."""
+        from ..metrics import EvalBatch
+
+        adaptation, model = self.adaptations[cell.adaptation], state.model
+        t0 = time.perf_counter()
+        if cell.round == 0:
+            x_clean, reference = self.clean_reference(cell.model, cell.adaptation)
+            x_prot = to_size(adaptation.purify(prot.eval), model.image_size)
+            attrs, photos, extra = self.data.eval.attrs, self.data.eval.photos, {}
+        else:
+            fg = self.forgeable(prot, model.image_size, adaptation)
+            x_clean, x_prot, attrs = fg.clean, fg.protected, self.data.eval.attrs[fg.kept]
+            photos = [self.data.eval.photos[i] for i in fg.kept]
+            reference = self._generate(model, x_clean, attrs, (cell.seed, "own-clean", *cell)) if fg.kept else None
+            extra = {"eval_kept": len(fg.kept), "eval_dropped": fg.n_photos - len(fg.kept)}
+        forged = x_prot.shape[0] > 0  # round >= 1: nothing to forge when the pipeline dropped every photo
+        fake_prot = self._generate(model, x_prot, attrs, (cell.seed, "forge", *cell)) if forged else None
+        reference = reference if forged else None
+        t1 = time.perf_counter()
+        names = list(self.cfg.detectors.names)
+        dets_clean = {d: self.clean_detections(d) for d in names}
+        dets_prot = {d: self.protected_detections(prot, d) for d in names}
+        t2 = time.perf_counter()
+        batch = EvalBatch(clean=x_clean, protected=x_prot, fake_clean=reference, fake_protected=fake_prot,
+                          detections_clean=dets_clean, detections_protected=dets_prot,
+                          crop_kept=state.usable if cell.round > 0 else None)
+        metrics: dict = dict(extra)
+        for metric in self.metrics:
+            metrics.update(metric.compute(batch))
+        if forged:
+            success = self._pair_success(fake_prot, reference, x_clean)
+            metrics.update(self._rate_columns("sr_mask", success, photos))
+            if cell.round > 0:
+                metrics.update(self._persistence(cell, state, x_clean, x_prot, reference, attrs, photos, success,
+                                                 timings))
+        t3 = time.perf_counter()
+        timings.update(generate_s=t1 - t0, detect_s=t2 - t1, metrics_s=t3 - t2)
+        if cell.seed == self.cfg.run.seeds[0] and forged:
+            self._save_sample(cell, prot, reference, fake_prot)
+        return metrics
+
+    def _persistence(self, cell, state, x_clean, x_prot, reference, attrs, photos, success, timings) -> dict:
+        """The columns that tell what retraining on the protected photos did (see the attacker)."""
+        t0 = time.perf_counter()
+        base = self.model(cell.model)
+        out = {}
+        scored = {}
+        for role, model in (("orig", base), ("ctrl", self._control(cell).model)):
+            ref = self._generate(model, x_clean, attrs, (cell.seed, f"{role}-clean", *cell))
+            fake = self._generate(model, x_prot, attrs, (cell.seed, f"{role}-forge", *cell))
+            scored[role] = self._pair_success(fake, ref, x_clean)
+            out.update(self._rate_columns(f"sr_mask_{role}", scored[role], photos))
+            l2 = l2_mask(fake, ref, edit_mask(ref, x_clean))
+            out[f"l2_mask_{role}"] = float(torch.nan_to_num(l2).mean()) if l2.numel() else None
+            if role == "orig":
+                out["retrained_clean_mse"] = float(((reference - ref) ** 2).mean()) if ref.numel() else None
+        own = float(success.float().mean()) if success.numel() else None
+        out["adaptation_gain"] = out["sr_mask_ctrl"] - own if own is not None and out["sr_mask_ctrl"] is not None else None
+        # The attacker keeps its retrained model unless retraining broke it (its clean forgeries
+        # drift from the original's by more than the success threshold), and uses whichever
+        # acceptable model the protection disrupts less.
+        keeps_retrained = (out["retrained_clean_mse"] or 0.0) <= SUCCESS_THRESHOLD
+        options = {"original": scored["orig"], **({"retrained": success} if keeps_retrained else {})}
+        best = min(options, key=lambda k: float(options[k].float().mean()) if options[k].numel() else 0.0)
+        worst = self._rate_columns("sr_mask_worst", options[best], photos)
+        out.update({k: v for k, v in worst.items()}, attacker_keeps=best)
+        timings["control_measure_s"] = time.perf_counter() - t0
+        return out
+
+    def _control(self, cell: Cell):
+        base = self.model(cell.model)
+        return _cached(self._controls, (cell.model, cell.adaptation, cell.seed, cell.round),
+                       lambda: self.attacker.control(cell.model, cell.adaptation, self.adaptations[cell.adaptation],
+                                                     cell.seed, cell.round, base,
+                                                     self._discriminators.get(cell.model)),
+                       "the clean-retraining control failed")
+
+    def _save_sample(self, cell: Cell, prot: Protected, fake_clean, fake_prot):
+        """A few images per cell for the figures (first seed only)."""
+        folder = self.run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        n = min(2, prot.eval.shape[0])
+        blob = {"clean": self.data.eval.images[:n].clone(), "protected": prot.eval[:n].clone(),
+                "fake_clean": fake_clean[:n, 0].clone(), "fake_protected": fake_prot[:n, 0].clone(), "cell": cell.key()}
+        torch.save(blob, folder / f"{cell.defense}__{cell.model}__{cell.adaptation}__r{cell.round}.pt")
+        det_path = folder / f"detections__{cell.defense}.pt"
+        if not det_path.exists():
+            boxes = {}
+            for d in self.cfg.detectors.names:
+                try:
+                    boxes[d] = (self.clean_detections(d)[0], self.protected_detections(prot, d)[0])
+                except _Failed:
+                    continue
+            # written under a private name, then renamed: Ray workers may race for the same file
+            tmp = det_path.with_name(f".{det_path.name}.{os.getpid()}")
+            torch.save({"clean": self.data.eval.images[:1].clone(), "protected": prot.eval[:1].clone(),
+                        "boxes": {d: {"clean": c.boxes.clone(), "clean_scores": c.scores.clone(),
+                                      "protected": p.boxes.clone(), "protected_scores": p.scores.clone()}
+                                  for d, (c, p) in boxes.items()}}, tmp)
+            tmp.replace(det_path)

@@ -1,0 +1,97 @@
+"""Fitting a defense and protecting the collect and eval photos (the runner's first stage)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import speed
+from .data import select_attrs
+from .provenance import tensors_hash
+from .state import Protected, _cached, _Failed, _seed
+
+
+class ProtectionMixin:
+    """:class:`~tsdf_bench.harness.runner.Runner`'s defense stage: fit, protect (cached on disk for
+    ``--resume``), and the detections of protected and clean eval photos."""
+
+    def _attrs_map(self, attrs: torch.Tensor, models: list) -> dict:
+        """``{model.name: its attribute columns}`` (the form defenses accept for several models)."""
+        return {m.name: select_attrs(attrs, self.data.attr_names, m.attributes, f"model {m.name!r}").to(self.device)
+                for m in models}
+
+    def protect(self, seed: int, name: str) -> Protected:
+        """Fit defense ``name`` and protect the collect and eval splits (cached on disk for resume)."""
+        cache = self.run_dir / "cache" / f"protected-{name}-seed{seed}.pt"
+        if cache.is_file():
+            blob = torch.load(cache, map_location="cpu", weights_only=False)
+            return Protected(blob["collect"], blob["eval"], blob["perturbation_sha256"], blob["timings"], blob["info"])
+        data, cfg = self.data, self.cfg
+        plugin = cfg.defenses.plugin_for(name)
+        defense = self.registry.create("defense", plugin, seed=seed, device=str(self.device),
+                                       **cfg.defenses.options_for(name))
+        models, model_problems = [], []
+        for m in cfg.models.names:
+            try:
+                models.append(self.model(m))
+            except _Failed as exc:
+                model_problems.append(str(exc))
+        detectors = []
+        differentiable = {}
+        for d in dict.fromkeys([*cfg.detectors.names, cfg.detectors.attacker, *(cfg.detectors.white_box or [])]):
+            try:
+                differentiable[d] = bool(getattr(self.detector(d), "differentiable", False))
+            except _Failed:
+                differentiable[d] = False
+        for d in cfg.white_box_detectors(differentiable):
+            detectors.append(self.detector(d))
+        self.log(f"fitting defense {name} (seed {seed}) on {data.fit.images.shape[0]} images")
+        t0 = time.perf_counter()
+        _seed(seed, "fit", name)
+        with speed.autocast(self.device):
+            defense.fit(data.fit.images.to(self.device), self._attrs_map(data.fit.attrs, models), models, detectors)
+        t1 = time.perf_counter()
+        protected = {}
+        for split_name in ("collect", "eval"):
+            split = getattr(data, split_name)
+            parts = []
+            for s in self._batches(split.images.shape[0]):
+                _seed(seed, "protect", name, split_name, s.start)
+                attrs = {k: v[s] for k, v in self._attrs_map(split.attrs, models).items()}
+                with speed.autocast(self.device):
+                    parts.append(defense.protect(split.images[s].to(self.device), attrs).detach().float().cpu())
+            protected[split_name] = torch.cat(parts) if parts else split.images[:0].clone()
+        t2 = time.perf_counter()
+        if getattr(defense, "universal", False) and getattr(defense, "perturbation", None) is not None:
+            from ..defenses.base import tensor_hash
+
+            digest = tensor_hash(defense.perturbation)
+            try:
+                defense.save(self.run_dir / "perturbations" / f"{name}-seed{seed}.pt", config_hash=cfg.hash)
+            except Exception as exc:  # noqa: BLE001 - saving is a convenience, the hash is recorded anyway
+                self.log(f"could not save the perturbation of {name}: {exc}")
+        else:
+            digest = tensors_hash(protected["collect"] - data.collect.images, protected["eval"] - data.eval.images)
+        info = {"defense_plugin": plugin, "fit_models": [m.name for m in models],
+                "fit_detectors": [getattr(d, "name", "?") for d in detectors],
+                "fit_problems": model_problems, **getattr(defense, "info", {})}
+        result = Protected(protected["collect"], protected["eval"], digest,
+                           {"fit_s": t1 - t0, "protect_s": t2 - t1}, info)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"collect": result.collect, "eval": result.eval, "perturbation_sha256": digest,
+                    "timings": result.timings, "info": info}, tmp)
+        tmp.replace(cache)
+        return result
+
+    def protected_detections(self, prot: Protected, name: str) -> list:
+        if not speed.optimizations_enabled():
+            prot.detections.pop(name, None)  # recomputed per call (the straightforward way)
+        return _cached(prot.detections, name, lambda: self._detect(name, prot.eval),
+                       f"detector {name!r} failed on protected images")
+
+    def clean_detections(self, name: str) -> list:
+        if not speed.optimizations_enabled():
+            self._clean_dets.pop(name, None)
+        return _cached(self._clean_dets, name, lambda: self._detect(name, self.data.eval.images),
+                       f"detector {name!r} failed on clean images")
