@@ -226,3 +226,12 @@ def test_defense_variant_errors_name_the_variant_table(tmp_path):
         run(tmp_path / "plugin", text + VARIANT.replace('plugin = "fake-shift"', 'plugin = "fake-shfit"'))
     with pytest.raises(ConfigError, match="plugin must be a defense name"):
         run(tmp_path / "type", text + VARIANT.replace('plugin = "fake-shift"', "plugin = 3"))
+
+
+def test_a_failed_start_leaves_no_run(tmp_path):
+    """A run that dies before storing any cell (here: its data cannot be loaded) is not kept."""
+    text = CONFIG.replace('source = "synthetic"', 'source = "folder"\npath = "no-such-folder"')
+    with pytest.raises(Exception):
+        run(tmp_path, text)
+    store = ResultsStore(tmp_path / "runs" / "results.sqlite")
+    assert store.runs() == [] and not [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]

@@ -124,7 +124,10 @@ def run_config(cfg: RunConfig | None, registry, *, output=None, resume: str | No
             f"--output {run_dir.parent}")
         raise
     except BaseException:
-        store.set_status(run_id, "failed")
+        if resume is None and store.forget_run(run_id):  # a failed start leaves no run behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            store.set_status(run_id, "failed")
         raise
     outputs = write_outputs(cfg, store, run_id, run_dir, summary, figures=figures)
     store.set_status(run_id, "finished" if not summary.errors else "finished-with-errors")

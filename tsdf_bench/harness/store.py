@@ -102,6 +102,14 @@ class ResultsStore:
         with closing(self._connect()) as con, con:
             con.execute("UPDATE runs SET status=?, finished=? WHERE run_id=?", (status, finished, run_id))
 
+    def forget_run(self, run_id: str) -> bool:
+        """Delete a run that stored no cell (a failed start); returns whether it was deleted."""
+        with closing(self._connect()) as con, con:
+            if con.execute("SELECT 1 FROM cells WHERE run_id=? LIMIT 1", (run_id,)).fetchone():
+                return False
+            con.execute("DELETE FROM runs WHERE run_id=?", (run_id,))
+        return True
+
     def run(self, run_id: str) -> dict:
         with closing(self._connect()) as con:
             row = con.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
