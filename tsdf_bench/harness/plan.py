@@ -83,7 +83,11 @@ def check_keys(registry, kind: str, name: str, options: dict) -> None:
     entry = registry.get(kind, name)
     valid = _parameters(entry.factory)
     if not valid or _takes_kwargs(entry.factory):
-        return
+        return  # a factory taking **kwargs (StarGAN's architecture overrides) checks its own
+    if kind == "model":  # the model zoo's options and random_init (tsdf_bench.models.checkpoints)
+        from ..models.zoo import get_model
+
+        valid |= _parameters(get_model) | {"random_init"}
     for bad in sorted(set(options) - valid):
         close = difflib.get_close_matches(bad, sorted(valid), n=1, cutoff=0.4)
         hint = (f" Did you mean {close[0]!r}?" if close else "") + f" Valid options: {', '.join(sorted(valid))}."
@@ -91,28 +95,40 @@ def check_keys(registry, kind: str, name: str, options: dict) -> None:
 
 
 def _takes_kwargs(factory) -> bool:
-    target = getattr(factory, "target", None)
-    if target:
-        module, _, attr = target.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module), attr)
-        except Exception:  # noqa: BLE001
-            return True
+    factory = resolve_factory(factory)
+    if factory is None:
+        return True
     try:
         return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):
         return True
 
 
-def _parameters(factory) -> set[str]:
-    """Keyword parameters of a plugin factory (a class, a function or a ``lazy(...)`` target)."""
+def resolve_factory(factory):
+    """The class or function behind a plugin factory (a ``lazy(...)`` target is imported); None
+    when it cannot be imported."""
     target = getattr(factory, "target", None)
     if target:
         module, _, attr = target.partition(":")
         try:
-            factory = getattr(importlib.import_module(module), attr)
+            return getattr(importlib.import_module(module), attr)
         except Exception:  # noqa: BLE001
-            return set()
+            return None
+    return factory
+
+
+def default_metrics(registry) -> list[str]:
+    """The metrics a config without ``[metrics] names`` runs: every registered metric except those
+    whose class says ``default = False`` (slow ones, or ones that need local weights: identity, lpips)."""
+    return [n for n in registry.names("metric")
+            if getattr(resolve_factory(registry.get("metric", n).factory), "default", True) is not False]
+
+
+def _parameters(factory) -> set[str]:
+    """Keyword parameters of a plugin factory (a class, a function or a ``lazy(...)`` target)."""
+    factory = resolve_factory(factory)
+    if factory is None:
+        return set()
     try:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):

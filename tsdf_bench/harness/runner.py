@@ -37,7 +37,7 @@ from ..config import RunConfig
 from .attacker import Attacker, ModelChangedInPlace, _purify_key
 from .data import RunData, load_run_data, select_attrs, to_size
 from .measure import MeasureMixin
-from .plan import Cell, create_checked, plan_cells
+from .plan import Cell, create_checked, default_metrics, plan_cells
 from .protection import ProtectionMixin
 from .provenance import device_description, git_state, resolve_device, state_dict_hash, versions
 from .state import ChainState, CellFailure, Protected, RunSummary, _cached, _Failed, _seed
@@ -75,7 +75,7 @@ class Runner(ProtectionMixin, MeasureMixin):
 
     # -- plumbing ------------------------------------------------------------------------
     def metric_names(self) -> list[str]:
-        return list(self.cfg.metrics.names) or self.registry.names("metric")
+        return list(self.cfg.metrics.names) or default_metrics(self.registry)
 
     @property
     def data(self) -> RunData:

@@ -163,6 +163,8 @@ class IdentityMetric(Metric):
     an aligned crop; default the embedded data's framing).  The model loads on first use.
     """
 
+    default = False  # not run unless a config names it ([metrics] names)
+
     name = "identity"
     columns = ("cidr", "id_sim_clean", "id_sim_protected", "id_loss_out")
 

@@ -101,6 +101,8 @@ class LpipsMetric(Metric):
     starts.
     """
 
+    default = False  # not run unless a config names it ([metrics] names)
+
     name = "lpips"
     columns = ("lpips", "lpips_in")
 
