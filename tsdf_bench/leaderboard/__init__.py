@@ -34,7 +34,7 @@ from typing import Iterable
 
 from tabulate import tabulate
 
-from .errors import TsdfBenchError
+from ..errors import TsdfBenchError
 
 FORMATS = ("markdown", "csv", "latex", "json")
 DEMO_NOTE = "demo-scale numbers, not the paper's"
