@@ -24,7 +24,7 @@ Layout (every table but ``[models]`` and ``[defenses]`` is optional)::
                    [models.<name>] options passed to the model (checkpoint = "...")
     [defenses]     names, eps (default budget for all); [defenses.<name>] options
     [detectors]    names (measured), attacker (the detector of the attacker's data preparation,
-                   default "mtcnn"), crop (the data preparation's crop mode: "margin" or
+                   default "mtcnn"), crop (the data preparation's crop mode: "frame", "margin" or
                    "align"; see tsdf_bench.prep), white_box (the
                    detectors the defenses are fitted against; default: the differentiable ones
                    of names + attacker); [detectors.<name>] options
@@ -396,9 +396,11 @@ def _check_values(cfg: RunConfig, where: str):
     if d.check_files not in ("used", "all"):
         raise ConfigError(f"{where}: [data] check_files = {d.check_files!r}; use \"used\" (only the images the "
                           "run reads must exist, the default) or \"all\" (every image of the CelebA splits)")
-    if cfg.detectors.crop not in ("margin", "align"):
-        raise ConfigError(f"{where}: [detectors] crop = {cfg.detectors.crop!r}; use \"margin\" (a square around "
-                          "the box) or \"align\" (5-landmark alignment)")
+    from .prep import CROPS
+
+    if cfg.detectors.crop not in CROPS:
+        raise ConfigError(f"{where}: [detectors] crop = {cfg.detectors.crop!r}; use \"frame\" (the models' framing), "
+                          "\"margin\" (a square around the box) or \"align\" (5-landmark alignment)")
     if not 0 <= cfg.defenses.eps <= 2:
         raise ConfigError(f"{where}: [defenses] eps = {cfg.defenses.eps} is outside [0, 2] (the [-1, 1] scale)")
     if cfg.adaptations.g_steps < 0:
