@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tsdf_bench.harness import ResultsStore
 
@@ -80,3 +81,29 @@ def test_resume_errors_are_clear(tmp_path, capsys):
     ResultsStore(tmp_path / "runs" / "results.sqlite")
     code, _, err = cli_here(capsys, str(config), "--output", str(tmp_path / "runs"), "--resume", "nope")
     assert code == 2 and "no run 'nope'" in err
+
+
+def test_a_changed_checkpoint_is_refitted_not_reused(tmp_path):
+    """The protected-image cache is keyed by the models' weights: after a model changes in place
+    (a checkpoint fixed, then --resume), the defense is fitted again."""
+    from test_runner import fake_registry, make_config
+    from tsdf_bench.harness import ResultsStore
+    from tsdf_bench.harness.runner import Runner
+
+    cfg = make_config(tmp_path, CONFIG.replace('names = ["fake-gan", "fake-gan8"]', 'names = ["fake-gan"]'))
+    store = ResultsStore(tmp_path / "results.sqlite")
+    first = Runner(cfg, fake_registry(), store, "r", tmp_path / "run", progress=False)
+    before = first.protect(0, "fake-shift")
+    assert len(list((tmp_path / "run" / "cache").glob("protected-fake-shift-seed0-*.pt"))) == 1
+    again = Runner(cfg, fake_registry(), store, "r", tmp_path / "run", progress=False)
+    assert again.protect(0, "fake-shift").info["fit_key"] == before.info["fit_key"]  # same weights: reused
+    changed = Runner(cfg, fake_registry(), store, "r", tmp_path / "run", progress=False)
+    model = changed.model("fake-gan")
+    with torch.no_grad():
+        model.conv.weight.add_(0.5)
+    from tsdf_bench.harness.provenance import state_dict_hash
+
+    changed._model_hash["fake-gan"] = state_dict_hash(model)
+    after = changed.protect(0, "fake-shift")
+    assert after.info["fit_key"] != before.info["fit_key"]
+    assert len(list((tmp_path / "run" / "cache").glob("protected-fake-shift-seed0-*.pt"))) == 2

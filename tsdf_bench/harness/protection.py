@@ -1,6 +1,8 @@
 """Fitting a defense and protecting the collect and eval photos (the runner's first stage)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 
 import torch
@@ -9,6 +11,13 @@ from .. import speed
 from .data import select_attrs
 from .provenance import tensors_hash
 from .state import Protected, _cached, _Failed, _seed
+
+
+def fit_key(plugin: str, options: dict, seed: int, model_hashes: dict, detectors: list, data_hash: str) -> str:
+    """sha256 of everything a fitted defense depends on (the protected-image cache's key)."""
+    blob = {"plugin": plugin, "options": options, "seed": seed, "models": model_hashes, "detectors": detectors,
+            "data": data_hash}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class ProtectionMixin:
@@ -21,15 +30,14 @@ class ProtectionMixin:
                 for m in models}
 
     def protect(self, seed: int, name: str) -> Protected:
-        """Fit defense ``name`` and protect the collect and eval splits (cached on disk for resume)."""
-        cache = self.run_dir / "cache" / f"protected-{name}-seed{seed}.pt"
-        if cache.is_file():
-            blob = torch.load(cache, map_location="cpu", weights_only=False)
-            return Protected(blob["collect"], blob["eval"], blob["perturbation_sha256"], blob["timings"], blob["info"])
+        """Fit defense ``name`` and protect the collect and eval splits.
+
+        Cached on disk for ``--resume`` under a key made of everything the fit depends on (the
+        defense's plugin and options, the seed, the weights hash of every model, the white-box
+        detectors and the data hash): a checkpoint fixed in place, other data or another option is
+        refitted, never reused.  A detector that fails to load is named in ``fit_problems``."""
         data, cfg = self.data, self.cfg
-        plugin = cfg.defenses.plugin_for(name)
-        defense = self.registry.create("defense", plugin, seed=seed, device=str(self.device),
-                                       **cfg.defenses.options_for(name))
+        plugin, options = cfg.defenses.plugin_for(name), cfg.defenses.options_for(name)
         models, model_problems = [], []
         for m in cfg.models.names:
             try:
@@ -41,10 +49,18 @@ class ProtectionMixin:
         for d in dict.fromkeys([*cfg.detectors.names, cfg.detectors.attacker, *(cfg.detectors.white_box or [])]):
             try:
                 differentiable[d] = bool(getattr(self.detector(d), "differentiable", False))
-            except _Failed:
+            except _Failed as exc:
                 differentiable[d] = False
+                model_problems.append(str(exc))
         for d in cfg.white_box_detectors(differentiable):
             detectors.append(self.detector(d))
+        key = fit_key(plugin, options, seed, {m.name: self._model_hash.get(m.name, "") for m in models},
+                      [getattr(d, "name", "?") for d in detectors], data.data_hash)
+        cache = self.run_dir / "cache" / f"protected-{name}-seed{seed}-{key[:16]}.pt"
+        if cache.is_file():
+            blob = torch.load(cache, map_location="cpu", weights_only=False)
+            return Protected(blob["collect"], blob["eval"], blob["perturbation_sha256"], blob["timings"], blob["info"])
+        defense = self.registry.create("defense", plugin, seed=seed, device=str(self.device), **options)
         self.log(f"fitting defense {name} (seed {seed}) on {data.fit.images.shape[0]} images")
         t0 = time.perf_counter()
         _seed(seed, "fit", name)
@@ -72,7 +88,7 @@ class ProtectionMixin:
                 self.log(f"could not save the perturbation of {name}: {exc}")
         else:
             digest = tensors_hash(protected["collect"] - data.collect.images, protected["eval"] - data.eval.images)
-        info = {"defense_plugin": plugin, "fit_models": [m.name for m in models],
+        info = {"defense_plugin": plugin, "fit_key": key, "fit_models": [m.name for m in models],
                 "fit_detectors": [getattr(d, "name", "?") for d in detectors],
                 "fit_problems": model_problems, **getattr(defense, "info", {})}
         result = Protected(protected["collect"], protected["eval"], digest,
