@@ -1,0 +1,99 @@
+"""Which columns the leaderboard shows: the harness's own columns, and the metric plugins' declared ones.
+
+The metrics table is driven by the metric plugins: each plugin declares ``columns``
+(:class:`tsdf_bench.metrics.Metric`), and a new plugin's columns appear in the tables without
+any change here.  The columns come, in this order of preference, from
+
+1. ``metric_columns`` passed by the caller: a sequence of column names, or a mapping
+   ``{metric name: columns}``;
+2. the registry, for the metrics named in the rows' provenance (a row's ``metrics`` list), else
+   for every registered metric.
+
+A declared column that no row fills is left out of the tables (an optional metric that did not
+run shows nothing rather than a column of dashes).
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Iterable
+
+# Row keys that are not metrics.
+KEY_COLUMNS = ("defense", "model", "adaptation", "round", "seed", "run_id", "status", "error")
+PROVENANCE_COLUMNS = ("config_hash", "versions", "device", "checkpoint_sha256", "perturbation_sha256", "git_commit",
+                      "scale", "data", "split")
+# The harness's own columns (tsdf_bench.harness.runner: measure / _persistence), not a plugin's.
+RATE_SUFFIXES = ("_lo", "_hi", "_n", "_hits", "_photos")
+HARNESS_RATES = ("sr_mask", "sr_mask_orig", "sr_mask_ctrl", "sr_mask_worst")
+HARNESS_COLUMNS = (tuple(f"{c}{s}" for c in HARNESS_RATES for s in ("", *RATE_SUFFIXES))
+                   + ("l2_mask_orig", "l2_mask_ctrl", "adaptation_gain", "attacker_keeps", "retrained_clean_mse",
+                      "eval_kept", "eval_dropped", "crop_yield", "g_steps", "d_steps"))
+PROVENANCE_METRICS_KEY = "metrics"  # a row's list of the metric plugins that measured it
+
+
+def _flatten(metric_columns) -> list[str]:
+    if isinstance(metric_columns, Mapping):
+        metric_columns = [c for cols in metric_columns.values() for c in cols]
+    if isinstance(metric_columns, str):
+        metric_columns = [metric_columns]
+    return list(dict.fromkeys(str(c) for c in metric_columns))
+
+
+def entry_columns(entry) -> tuple[str, ...]:
+    """The columns a registered metric declares, read from its class when the factory is lazy
+    (no instantiation, so a metric whose weights are missing still lists its columns), else from
+    an instance built with default options; ``()`` when neither works."""
+    factory = entry.factory
+    cls = factory if isinstance(factory, type) else None
+    target = getattr(factory, "target", None)
+    if cls is None and target:
+        module, _, attr = target.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except Exception:  # noqa: BLE001 - a broken optional plugin must not break the tables
+            cls = None
+    declared = getattr(cls, "columns", None) if cls is not None else None
+    if isinstance(declared, (tuple, list)):
+        return tuple(declared)
+    try:
+        return tuple(entry.create().columns)
+    except Exception:  # noqa: BLE001
+        return ()
+
+
+def registry_columns(registry=None, names: Iterable[str] | None = None) -> dict[str, tuple[str, ...]]:
+    """``{metric name: declared columns}`` of ``names`` (default: every registered metric)."""
+    if registry is None:
+        from ..plugins import get_registry
+
+        registry = get_registry()
+    known = registry.names("metric")
+    names = known if names is None else [n for n in names if n in known]
+    return {name: entry_columns(registry.get("metric", name)) for name in names}
+
+
+def provenance_metrics(rows: Iterable[dict]) -> list[str] | None:
+    """The metric names the rows' provenance records (union, first-seen order), or None."""
+    names: dict[str, None] = {}
+    for row in rows:
+        value = row.get(PROVENANCE_METRICS_KEY)
+        if isinstance(value, (list, tuple)):
+            names.update(dict.fromkeys(str(v) for v in value))
+    return list(names) or None
+
+
+def declared_columns(rows: list[dict], metric_columns=None, registry=None) -> list[str]:
+    """Every metric column to consider, in declaration order (see the module docstring)."""
+    if metric_columns is not None:
+        return _flatten(metric_columns)
+    try:
+        return _flatten(registry_columns(registry, provenance_metrics(rows)))
+    except Exception:  # noqa: BLE001 - no registry (broken install): the harness columns still render
+        return []
+
+
+def shown_columns(rows: list[dict], metric_columns=None, registry=None) -> list[str]:
+    """The declared metric columns that at least one ok row fills."""
+    ok = [r for r in rows if (r.get("status") or "ok") == "ok"]
+    return [c for c in declared_columns(rows, metric_columns, registry)
+            if any(r.get(c) is not None for r in ok)]
