@@ -29,7 +29,7 @@ def fmt_number(v: float | None, missing: str = "—", sign: bool = False) -> str
 
 def fmt_stat(stat, missing: str = "—", pm: str = " ± ") -> str:
     """One cell: a rate ``0.420 [0.300, 0.550] n=120``, a mean ``0.800 ± 0.014``, a difference
-    ``+0.100 [-0.020, +0.210]``, or a plain number."""
+    ``+0.100 [-0.020, +0.210]`` (rates and differences: 3 decimals), or a plain number."""
     if stat is None:
         return missing
     if not isinstance(stat, dict):
@@ -45,9 +45,9 @@ def fmt_stat(stat, missing: str = "—", pm: str = " ± ") -> str:
             text += f" n={stat['pairs']}"
         return text
     if kind == "diff":
-        text = fmt_number(v, missing, sign=True)
+        text = f"{v:+.3f}"
         if stat.get("lo") is not None:
-            text += f" [{fmt_number(stat['lo'], missing, True)}, {fmt_number(stat['hi'], missing, True)}]"
+            text += f" [{stat['lo']:+.3f}, {stat['hi']:+.3f}]"
         return text
     text = fmt_number(v, missing)
     if stat.get("std") is not None:
@@ -116,8 +116,8 @@ def metrics_table(records: list[dict], columns: list[str], missing="—", pm=" �
 
 
 def comparison_table(lines: list[dict], missing="—", text=str):
-    headers = ["Model", "Adaptation", "Defense", "Δ final SR", "Excl. 0", "Δ persistence", "Excl. 0 ", "Photos",
-               "Status"]
+    headers = ["Model", "Adaptation", "Defense", "Δ final SR", "SR excl. 0", "Δ persistence", "Persistence excl. 0",
+               "Photos", "Status"]
     body = []
     for c in lines:
         photos = next((d["photos"] for d in (c["d_sr_final"], c["d_persistence"]) if d and d.get("photos")), None)
