@@ -411,13 +411,13 @@ def test_command_reads_store_and_renders(tmp_path):
 def test_detection_table_reports_recall_per_detector_and_crop_yield():
     base = {"model": "m", "adaptation": "retrain", "seed": 0, "run_id": "r", "status": "ok", "error": None}
     rows = [
-        dict(base, defense="tsdf", round=0, det_recall_mtcnn=0.25, det_f1_mtcnn=0.4),
+        dict(base, defense="tsdf", round=0, det_recall_mtcnn=0.25, det_f1_mtcnn=0.4, det_recall_paper_mtcnn=0.3),
         dict(base, defense="tsdf", round=1, crop_yield=0.5),
         dict(base, defense="none", round=0, det_recall_mtcnn=1.0, det_f1_mtcnn=1.0),
         dict(base, defense="none", round=1, crop_yield=1.0),
     ]
     rows += [dict(r, model="m2") for r in rows]  # detection is per defense: other models repeat it
     headers, body = detection_table(rows)
-    assert headers == ["Defense", "Recall mtcnn", "F1 mtcnn", "Crop yield@k"]
+    assert headers == ["Defense", "Recall mtcnn", "F1 mtcnn", "Crop yield@k"]  # the paper's form is no detector
     assert body == [["none", "1.000", "1.000", "1.000"], ["tsdf", "0.250", "0.400", "0.500"]]
     assert "## Poisoning" in render(rows, "markdown", metric_columns=COLUMNS)

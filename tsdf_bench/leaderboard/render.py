@@ -133,7 +133,8 @@ def detection_table(rows) -> tuple[list[str], list[list[str]]]:
     images (round-0 rows; detection does not depend on the model, so rows are averaged), and the
     attacker's crop yield after retraining (mean over models)."""
     rows = [r for r in dedupe(check_rows(rows))[0] if ok(r)]
-    detectors = sorted({k[len("det_recall_"):] for r in rows for k in r if k.startswith("det_recall_")})
+    detectors = sorted({k[len("det_recall_"):] for r in rows for k in r
+                        if k.startswith("det_recall_") and not k.startswith("det_recall_paper_")})
     headers = ["Defense"] + [f"{kind} {d}" for d in detectors for kind in ("Recall", "F1")] + ["Crop yield@k"]
     body = []
     for defense in sorted({str(r["defense"]) for r in rows}):
