@@ -88,3 +88,36 @@ def test_usable_crop_rule():
     protected = result([0, 2], [[0, 0, 10, 10], [5, 5, 9, 9]])
     # photo 0: same crop; photo 1: lost; photo 2: no clean reference, a crop counts
     assert attacker_module.usable_crops(clean, protected, 3) == [True, False, True]
+
+
+def test_aligned_pipeline_skips_detection_so_poisoning_cannot_starve_it(tmp_path):
+    """With pipeline = "aligned" (pre-aligned faces, the LoRA Patching setting) the attacker uses
+    every collected photo even when its detector finds no face in any of them."""
+    from test_runner import fake_registry, make_config
+    from tsdf_bench.harness import ResultsStore
+    from tsdf_bench.harness.runner import Runner
+
+    text = ZERO.replace('attacker = "fake-det"', 'attacker = "fake-blind"').replace("rounds = 2", "rounds = 1")
+    cfg = make_config(tmp_path, text)
+    runner = Runner(cfg, fake_registry(), ResultsStore(tmp_path / "r.sqlite"), "r", tmp_path / "run", progress=False)
+    prot = runner.protect(0, "fake-shift")
+    adaptation = runner.adaptations["fake-retrain"]
+    blind = runner.attacker.collection(prot.collect, 16, adaptation)
+    assert blind.crops.shape[0] == 0  # the blind detector starves the detect pipeline
+    adaptation.pipeline = "aligned"
+    aligned = runner.attacker.collection(prot.collect, 16, adaptation)
+    assert aligned.crops.shape == (prot.collect.shape[0], 3, 16, 16) and all(aligned.usable)
+    fg = runner.attacker.forgeable(prot.eval, 16, adaptation)
+    assert fg.kept == list(range(prot.eval.shape[0])) and fg.protected.shape == fg.clean.shape
+
+
+def test_adaptation_variants_and_sweeps_run_side_by_side(tmp_path):
+    text = ZERO.replace('names = ["fake-retrain"]', 'names = ["fake-retrain", "fake-purify"]').replace(
+        "rounds = 2", "rounds = 0") + '\n[adaptations.fake-purify]\nsweep = {factor = [0.5, 0.9]}\n'
+    rows = run(tmp_path, text).rows
+    names = {r["adaptation"] for r in rows}
+    assert names == {"fake-retrain", "fake-purify-factor0.5", "fake-purify-factor0.9"}
+    by = {r["adaptation"]: r for r in rows if r["defense"] == "fake-shift"}
+    assert by["fake-purify-factor0.5"]["adaptation_options"] == {"factor": 0.5}
+    assert by["fake-purify-factor0.5"]["adaptation_plugin"] == "fake-purify"
+    assert by["fake-purify-factor0.5"]["fake_l2"] != by["fake-purify-factor0.9"]["fake_l2"]

@@ -236,3 +236,15 @@ def test_check_files_option_is_validated_and_not_hashed(tmp_path):
     path.write_text(base.replace('attr_csv = "labels.csv"', 'check_files = "some"'))
     with pytest.raises(ConfigError, match=r'check_files = .some.; use "used"'):
         load_config(path)
+
+
+def test_sweeps_expand_into_named_variants_and_bad_sweeps_are_named():
+    from tsdf_bench.config import from_dict
+
+    base = {"models": {"names": ["stargan"]}, "defenses": {"names": ["none"]}}
+    cfg = from_dict({**base, "adaptations": {"names": ["blur"], "blur": {"sweep": {"kernel_size": [1, 3]}, "sigma": 1.0}}})
+    assert cfg.adaptations.names == ["blur-kernel_size1", "blur-kernel_size3"]
+    assert cfg.adaptations.plugin_for("blur-kernel_size3") == "blur"
+    assert cfg.adaptations.options_for("blur-kernel_size3") == {"kernel_size": 3, "sigma": 1.0}
+    with pytest.raises(ConfigError, match=r"\[adaptations.blur\] sweep must be a table of non-empty value lists"):
+        from_dict({**base, "adaptations": {"names": ["blur"], "blur": {"sweep": {"kernel_size": 3}}}})

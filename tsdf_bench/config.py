@@ -62,6 +62,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -120,31 +121,47 @@ class ModelsSection(PluginSection):
     train: bool = True  # demo/smoke models without a checkpoint are trained on first use (models.zoo)
 
 
-@dataclass
-class DefensesSection(PluginSection):
-    """A defense's table may name the plugin it configures, so that variants of one plugin (an
-    ablation) run side by side under their own names::
+class VariantsMixin:
+    """A table may name the plugin it configures, so variants of one plugin (an ablation, a
+    parameter sweep) run side by side under their own names::
 
         names = ["tsdf", "tsdf-poison-only"]
         [defenses.tsdf-poison-only]
         plugin = "tsdf"
         interruption = false
-        mask = false
+
+    ``sweep = {param = [v1, v2]}`` in a table expands it into one variant per value (per
+    combination, with several parameters), named ``<table>-<param><value>``::
+
+        [adaptations.jpeg]
+        sweep = {quality = [70, 90]}      # -> jpeg-quality70, jpeg-quality90
     """
 
-    eps: float = 0.05
+    kind = "plugin"
 
-    def options_for(self, name: str) -> dict[str, Any]:
-        options = {"eps": self.eps, **self.options.get(name, {})}
+    def plugin_for(self, name: str) -> str:
+        """The registered plugin that ``name`` configures (``plugin = ...`` in its table, else itself)."""
+        plugin = self.options.get(name, {}).get("plugin", name)
+        if not isinstance(plugin, str) or not plugin:
+            raise ConfigError(f"[{self.table}.{name}] plugin must be a {self.kind} name (a string), got {plugin!r}")
+        return plugin
+
+    def _options(self, name: str) -> dict[str, Any]:
+        options = dict(self.options.get(name, {}))
         options.pop("plugin", None)
         return options
 
-    def plugin_for(self, name: str) -> str:
-        """The registered defense that ``name`` configures (``plugin = ...`` in its table, else itself)."""
-        plugin = self.options.get(name, {}).get("plugin", name)
-        if not isinstance(plugin, str) or not plugin:
-            raise ConfigError(f"[defenses.{name}] plugin must be a defense name (a string), got {plugin!r}")
-        return plugin
+
+@dataclass
+class DefensesSection(VariantsMixin, PluginSection):
+    """Defenses; variants and sweeps as in :class:`VariantsMixin`."""
+
+    eps: float = 0.05
+    table = "defenses"
+    kind = "defense"
+
+    def options_for(self, name: str) -> dict[str, Any]:
+        return {"eps": self.eps, **self._options(name)}
 
 
 @dataclass
@@ -155,9 +172,16 @@ class DetectorsSection(PluginSection):
 
 
 @dataclass
-class AdaptationsSection(PluginSection):
+class AdaptationsSection(VariantsMixin, PluginSection):
+    """Adaptations; variants and sweeps as in :class:`VariantsMixin`."""
+
     names: list[str] = field(default_factory=lambda: ["retrain"])
     g_steps: int = 100  # the attacker's budget per retraining round, in generator updates
+    table = "adaptations"
+    kind = "adaptation"
+
+    def options_for(self, name: str) -> dict[str, Any]:
+        return self._options(name)
 
 
 @dataclass
@@ -363,11 +387,41 @@ def from_dict(data: dict, source: str = "<dict>", base_dir=None) -> RunConfig:
                     raise ConfigError(
                         f"{where}: options table [{table}.{name}] is for {name!r}, which is not in "
                         f"[{table}] names.{_closest(name, listed)} Add it to names or fix the table name.")
+            if table in ("defenses", "adaptations"):
+                kwargs["names"], options = expand_sweeps(kwargs.get("names", cls().names), options, table, where)
             kwargs["options"] = options
         resolved[table] = cls(**kwargs)
     cfg = RunConfig(**resolved, source=str(source))
     _check_values(cfg, where)
     return cfg
+
+
+def _label(value) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in text)
+
+
+def expand_sweeps(names: list, options: dict, table: str, where: str) -> tuple[list, dict]:
+    """Each table with ``sweep = {param = [values]}`` becomes one variant per value combination
+    (see :class:`VariantsMixin`); other tables are kept as they are."""
+    out_names, out_options = [], {k: v for k, v in options.items() if "sweep" not in v}
+    for name in names:
+        opts = options.get(name, {})
+        if "sweep" not in opts:
+            out_names.append(name)
+            continue
+        sweep = opts["sweep"]
+        if not isinstance(sweep, dict) or not sweep or not all(isinstance(v, list) and v for v in sweep.values()):
+            raise ConfigError(f"{where}: [{table}.{name}] sweep must be a table of non-empty value lists, "
+                              f"e.g. sweep = {{quality = [70, 90]}}; got {sweep!r}")
+        base = {k: v for k, v in opts.items() if k != "sweep"}
+        base.setdefault("plugin", name)
+        keys = sorted(sweep)
+        for combo in itertools.product(*(sweep[k] for k in keys)):
+            label = "-".join([name, *(f"{k}{_label(v)}" for k, v in zip(keys, combo))])
+            out_names.append(label)
+            out_options[label] = {**base, **dict(zip(keys, combo))}
+    return out_names, out_options
 
 
 def _check_values(cfg: RunConfig, where: str):
@@ -429,7 +483,8 @@ def check_names(cfg: RunConfig, registry) -> None:
     """Every plugin name of the config must be registered (raises :class:`UnknownNameError`)."""
     for section, kind in PLUGIN_KIND.items():
         for name in getattr(cfg, section).names:
-            registry.get(kind, cfg.defenses.plugin_for(name) if kind == "defense" else name)
+            plugin = getattr(cfg, section).plugin_for(name) if kind in ("defense", "adaptation") else name
+            registry.get(kind, plugin)
     registry.get("detector", cfg.detectors.attacker)
     for name in cfg.detectors.white_box or ():
         registry.get("detector", name)

@@ -129,8 +129,11 @@ class FakeRetrain(Adaptation):
 class FakePurify(Adaptation):
     name = "fake-purify"
 
+    def __init__(self, factor=0.9):
+        self.factor = factor
+
     def purify(self, images):
-        return images * 0.9
+        return images * self.factor
 
 
 class FakeMetric:

@@ -7,15 +7,32 @@ Two hooks, both optional:
 * :meth:`Adaptation.adapt` changes the model after the attacker collected protected images
   (retraining on the crops its data preparation yields, LoRA patching ...).  Default: the
   model unchanged.  ``retrains`` tells the harness whether rounds after 0 make sense.
+
+``pipeline`` is how the attacker gets faces out of photos in retraining rounds
+(:mod:`tsdf_bench.harness.attacker`): ``"detect"`` (its face detector, crop and resize: the
+step TSDF poisons) or ``"aligned"`` (the photos are already aligned faces, only resized: the
+LoRA Patching setting, where a detector poison cannot help).
 """
 from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
+
+
+PIPELINES = ("detect", "aligned")
+
+
+def check_pipeline(pipeline: str, who: str) -> str:
+    if pipeline not in PIPELINES:
+        raise ConfigError(f"adaptation {who!r}: pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
+    return pipeline
+
 
 class Adaptation:
     name: str = ""
     retrains: bool = False
+    pipeline: str = "detect"
 
     def purify(self, images: torch.Tensor) -> torch.Tensor:
         return images

@@ -64,16 +64,16 @@ def load_rows(path, run_id: str | None = None) -> list[dict]:
     return rows
 
 
-def leaderboard_text(rows: list[dict], fmt: str = "markdown", header: dict | None = None) -> str:
+def leaderboard_text(rows: list[dict], fmt: str = "markdown", header: dict | None = None, registry=None) -> str:
     """The command's output for ``rows`` (no database needed; used by tests)."""
-    return render(rows, fmt, header)
+    return render(rows, fmt, header, registry=registry)
 
 
 def main(args, registry):
     rows = load_rows(args.results, args.run_id)
-    text = leaderboard_text(rows, args.format)
+    text = leaderboard_text(rows, args.format, registry=registry)
     if args.out_dir:
-        for path in write_leaderboards(rows, args.out_dir).values():
+        for path in write_leaderboards(rows, args.out_dir, registry=registry).values():
             print(f"wrote {path}", file=sys.stderr)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ After a person posts protected photos, the attacker
 2. **prepares** them like a face-editing pipeline does: its detector (``[detectors] attacker``)
    finds a face, the crop (``[detectors] crop``; ``"frame"`` reproduces the framing the models
    were trained on) cuts it, resized to the model's input.  A photo that yields no face drops out:
-   this is where poisoning bites;
+   this is where poisoning bites.  An adaptation with ``pipeline = "aligned"`` skips detection
+   (pre-aligned faces, the LoRA Patching setting): there a detector poison cannot help;
 3. **retrains** its current model on the crops it got (the adaptation, ``g_steps`` generator
    updates per round);
 4. **forges** other protected photos (the ``eval`` split) through the same preparation: a photo
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import TsdfBenchError
-from .data import select_attrs
+from .data import select_attrs, to_size
 from .provenance import derived_seed, state_dict_hash
 
 CROP_IOU_USABLE = 0.5
@@ -100,7 +101,12 @@ class Attacker:
 
     # -- 1-2: collect and prepare ------------------------------------------------------------
     def collection(self, photos: torch.Tensor, size: int, adaptation) -> Collection:
-        """The attacker's crops of ``photos`` (protected ``collect`` photos) after ``adaptation.purify``."""
+        """The attacker's crops of ``photos`` (protected ``collect`` photos) after ``adaptation.purify``.
+        With ``adaptation.pipeline == "aligned"`` the photos are taken as aligned faces: resized, all kept."""
+        if _aligned(adaptation):
+            n = photos.shape[0]
+            return Collection(to_size(adaptation.purify(photos), size).float().cpu(), self.data.collect.attrs,
+                              list(range(n)), n, [True] * n)
         prep = self.preparation(size)
         res = prep(adaptation.purify(photos))
         clean = self._clean_prep("collect", size, adaptation)
@@ -111,6 +117,8 @@ class Attacker:
 
     def clean_collection(self, size: int, adaptation) -> Collection:
         """The same preparation of the clean ``collect`` photos (what the control retrains on)."""
+        if _aligned(adaptation):
+            return self.collection(self.data.collect.images, size, adaptation)
         res = self._clean_prep("collect", size, adaptation)
         kept = res.kept.cpu().long()
         return Collection(res.crops.detach().float().cpu(), self.data.collect.attrs[kept], kept.tolist(),
@@ -125,7 +133,11 @@ class Attacker:
     # -- 4: forge ----------------------------------------------------------------------------
     def forgeable(self, protected_eval: torch.Tensor, size: int, adaptation) -> Forgeable:
         """The protected eval photos through the attacker's pipeline, and the clean photos cut with
-        the geometry found on the protected ones."""
+        the geometry found on the protected ones (``"aligned"`` pipeline: both resized, all kept)."""
+        if _aligned(adaptation):
+            n = protected_eval.shape[0]
+            return Forgeable(to_size(adaptation.purify(protected_eval), size).float().cpu(),
+                             to_size(adaptation.purify(self.data.eval.images), size).float().cpu(), list(range(n)), n)
         prep = self.preparation(size)
         res = prep(adaptation.purify(protected_eval))
         clean = prep.crop_like(adaptation.purify(self.data.eval.images), res)
@@ -176,10 +188,14 @@ class Attacker:
         return self._controls[key]
 
 
+def _aligned(adaptation) -> bool:
+    return getattr(adaptation, "pipeline", "detect") == "aligned"
+
+
 def _purify_key(adaptation, name: str = "") -> str:
     """Adaptations that keep the base identity ``purify`` share one cache entry."""
     from ..adaptations.base import Adaptation
 
     if type(adaptation).purify is Adaptation.purify:
         return "identity"
-    return name or type(adaptation).__name__
+    return name or getattr(adaptation, "config_name", None) or type(adaptation).__name__

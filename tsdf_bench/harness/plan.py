@@ -69,7 +69,8 @@ def check_options(cfg: RunConfig, registry) -> None:
         create_checked(registry, "defense", cfg.defenses.plugin_for(name), cfg.defenses.options_for(name), table=name,
                        seed=0, device="cpu")
     for name in cfg.adaptations.names:
-        create_checked(registry, "adaptation", name, cfg.adaptations.options_for(name))
+        create_checked(registry, "adaptation", cfg.adaptations.plugin_for(name), cfg.adaptations.options_for(name),
+                       table=name)
     for name in cfg.metrics.names:
         create_checked(registry, "metric", name, cfg.metrics.options_for(name))
     for kind, section in (("model", cfg.models), ("detector", cfg.detectors)):

@@ -395,7 +395,7 @@ def preflight(cfg, registry, *, output=None, fail_fast: bool = False,
             + (f" (plugin {plugin!r})" if plugin != name else ""), {}, "ok"))
     for name in cfg.adaptations.names:
         rec.run("adaptation", name, lambda name=name: (
-            _create(registry, "adaptation", name, cfg.adaptations.options_for(name)), {}, "ok"))
+            _create(registry, "adaptation", cfg.adaptations.plugin_for(name), cfg.adaptations.options_for(name)), {}, "ok"))
     for name in cfg.metrics.names:
         rec.run("metric", name, lambda name=name: (_create(registry, "metric", name, cfg.metrics.options_for(name)),
                                                     {}, "ok"))

@@ -68,8 +68,11 @@ class Runner(ProtectionMixin, MeasureMixin):
         self._clean_dets: dict = {}
         self._controls: dict = {}
         self.attacker = Attacker(cfg, lambda: self.data, self.detector, self.device, progress)
-        self.adaptations = {n: create_checked(registry, "adaptation", n, cfg.adaptations.options_for(n))
-                            for n in cfg.adaptations.names}
+        self.adaptations = {}
+        for n in cfg.adaptations.names:
+            self.adaptations[n] = create_checked(registry, "adaptation", cfg.adaptations.plugin_for(n),
+                                                 cfg.adaptations.options_for(n), table=n)
+            self.adaptations[n].config_name = n  # variants of one plugin keep their caches apart
         self.metrics = [create_checked(registry, "metric", n, cfg.metrics.options_for(n)) for n in self.metric_names()]
         self._provenance_base: dict | None = None
 
@@ -87,13 +90,13 @@ class Runner(ProtectionMixin, MeasureMixin):
         if self._provenance_base is None:
             cfg = self.cfg
             used = {"defense": [cfg.defenses.plugin_for(d) for d in cfg.defenses.names], "model": cfg.models.names,
-                    "adaptation": cfg.adaptations.names, "metric": self.metric_names(),
+                    "adaptation": [cfg.adaptations.plugin_for(a) for a in cfg.adaptations.names], "metric": self.metric_names(),
                     "detector": list(dict.fromkeys([*cfg.detectors.names, cfg.detectors.attacker]))}
             self._provenance_base = {
                 "config_hash": cfg.hash, "run_name": cfg.run.name, "scale": cfg.run.scale,
                 "versions": versions(self.registry, used), "device": device_description(self.device),
                 **git_state(), "optimize": speed.optimizations_enabled(), "data": self.data.description, "data_hash": self.data.data_hash,
-                "data_notes": self.data.notes, "split": self.data.split, "attacker_detector": cfg.detectors.attacker,
+                "data_notes": self.data.notes, "split": self.data.split, "metrics": self.metric_names(), "attacker_detector": cfg.detectors.attacker,
                 "crop": cfg.detectors.crop, "eps": cfg.defenses.eps,
                 "n_fit": int(self.data.fit.images.shape[0]), "n_collect": int(self.data.collect.images.shape[0]),
                 "n_eval": int(self.data.eval.images.shape[0]),
@@ -234,7 +237,8 @@ class Runner(ProtectionMixin, MeasureMixin):
             self._write_error(cell, exc, prot, bar)
             return state
         budget = {"g_steps": 0, "d_steps": 0} if k == 0 else {}
-        provenance = {**self.provenance_base(), **self.defense_provenance(cell.defense), "seed": cell.seed,
+        provenance = {**self.provenance_base(), **self.defense_provenance(cell.defense),
+                      **self.adaptation_provenance(cell.adaptation), "seed": cell.seed,
                       "checkpoint_sha256": state.hash, "base_checkpoint_sha256": state.base_hash,
                       **{"checkpoint_file_sha256" if k == "checkpoint_sha256" else k: v
                          for k, v in self._model_record.get(cell.model, {}).items()},
@@ -253,6 +257,12 @@ class Runner(ProtectionMixin, MeasureMixin):
         """The defense's own resolved options (its table's ``eps`` included, not the global one)."""
         options = self.cfg.defenses.options_for(name)
         return {"eps": options.get("eps", self.cfg.defenses.eps), "defense_options": options}
+
+    def adaptation_provenance(self, name: str) -> dict:
+        """The adaptation's plugin, options and the attacker's pipeline ("detect" or "aligned")."""
+        return {"adaptation_plugin": self.cfg.adaptations.plugin_for(name),
+                "adaptation_options": self.cfg.adaptations.options_for(name),
+                "pipeline": getattr(self.adaptations[name], "pipeline", "detect")}
 
     def _write_error(self, cell: Cell, exc: BaseException, prot: Protected | None = None, bar=None, stage=""):
         failure = CellFailure.of(exc)

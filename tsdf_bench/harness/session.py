@@ -129,7 +129,7 @@ def run_config(cfg: RunConfig | None, registry, *, output=None, resume: str | No
         else:
             store.set_status(run_id, "failed")
         raise
-    outputs = write_outputs(cfg, store, run_id, run_dir, summary, figures=figures)
+    outputs = write_outputs(cfg, store, run_id, run_dir, summary, figures=figures, registry=registry)
     store.set_status(run_id, "finished" if not summary.errors else "finished-with-errors")
     if not summary.errors:
         shutil.rmtree(run_dir / "cache", ignore_errors=True)
@@ -165,7 +165,7 @@ def write_rows(rows: list[dict], run_dir: Path) -> list[Path]:
 
 
 def write_outputs(cfg: RunConfig, store: ResultsStore, run_id: str, run_dir: Path, summary: RunSummary,
-                  figures: bool = True) -> RunOutputs:
+                  figures: bool = True, registry=None) -> RunOutputs:
     rows = store.rows(run_id)
     out = RunOutputs(summary, rows)
     out.files["results"] = write_rows(rows, run_dir)
@@ -176,9 +176,10 @@ def write_outputs(cfg: RunConfig, store: ResultsStore, run_id: str, run_dir: Pat
         write_leaderboards = None
     if write_leaderboards is not None:
         header = header_for(cfg, run_id, rows)
-        out.files["leaderboard"] = _paths(write_leaderboards(rows, run_dir / "leaderboard", header))
+        out.files["leaderboard"] = _paths(write_leaderboards(rows, run_dir / "leaderboard", header, registry=registry))
         if cfg.run.publish:
-            out.files["published"] = _paths(write_leaderboards(rows, Path(cfg.run.publish), header))
+            out.files["published"] = _paths(write_leaderboards(rows, Path(cfg.run.publish), header,
+                                                                         registry=registry))
     if figures:
         from .figures import make_figures
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tsdf_bench.adaptations.base import Adaptation
+from tsdf_bench.adaptations.base import Adaptation, check_pipeline
 from tsdf_bench.errors import ConfigError
 
 GATES = ("basic",)
@@ -232,7 +232,9 @@ class LoRAPatchAdaptation(Adaptation):
     "lora": B = 0), ``linear`` (True: patch linear layers too, as the code does), ``batch_size``
     (4), ``lr`` (1e-3), ``betas`` ((0.5, 0.999)), ``eps`` (0.05), ``pgd_steps`` (10),
     ``pgd_step_size`` (0.01), ``max_targets`` (None: every target of the protocol per batch, as the
-    code; an integer uses that many, cycling through the targets across batches).
+    code; an integer uses that many, cycling through the targets across batches), ``pipeline``
+    ("aligned": the paper's pre-aligned faces, no face detection; "detect": through the
+    attacker's detector and crop like ``retrain``).
 
     ``adapt(model, crops, attrs, steps=, seed=)``: ``steps`` is the number of batches (the code's
     iterations); each batch makes one Adam update per target.  Returns the patched copy in eval
@@ -245,7 +247,8 @@ class LoRAPatchAdaptation(Adaptation):
 
     def __init__(self, rank: int = 8, alpha: float = 2.0, gated: bool = True, init: str = "kaiming",
                  linear: bool = True, batch_size: int = 4, lr: float = 1e-3, betas=(0.5, 0.999),
-                 eps: float = 0.05, pgd_steps: int = 10, pgd_step_size: float = 0.01, max_targets: int | None = None):
+                 eps: float = 0.05, pgd_steps: int = 10, pgd_step_size: float = 0.01, max_targets: int | None = None,
+                 pipeline: str = "aligned"):
         if int(rank) < 1:
             raise ConfigError(f"adaptation 'lora-patch': rank must be >= 1, got {rank}")
         if int(batch_size) < 1:
@@ -256,6 +259,7 @@ class LoRAPatchAdaptation(Adaptation):
             raise ConfigError(f"adaptation 'lora-patch': eps and pgd_steps must be >= 0, got {eps}, {pgd_steps}")
         if max_targets is not None and int(max_targets) < 1:
             raise ConfigError(f"adaptation 'lora-patch': max_targets must be >= 1, got {max_targets}")
+        self.pipeline = check_pipeline(pipeline, "lora-patch")
         self.rank, self.alpha, self.gated, self.init = int(rank), float(alpha), bool(gated), init
         self.linear, self.batch_size, self.lr = bool(linear), int(batch_size), float(lr)
         self.betas = tuple(float(b) for b in betas)

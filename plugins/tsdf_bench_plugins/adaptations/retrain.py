@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-from tsdf_bench.adaptations.base import Adaptation
+from tsdf_bench.adaptations.base import Adaptation, check_pipeline
 from tsdf_bench.errors import ConfigError
 
 
@@ -29,7 +29,8 @@ class RetrainAdaptation(Adaptation):
     Args (all optional): ``batch_size`` (16), ``lr`` / ``lr_d`` / ``n_critic`` / ``reg_every``
     (None: as above), ``warmup_d_steps`` (None: ``g_steps // 4``; used only when no discriminator is
     available: the official checkpoints ship G only, so a fresh D is first trained alone, as TSDF
-    does for HiSD).
+    does for HiSD), ``pipeline`` ("detect": the attacker's detector and crop, TSDF's threat model;
+    "aligned": already aligned faces, no detector, the LoRA Patching setting).
 
     The discriminator is taken from ``adapt(..., discriminator=D)``, else from a
     ``model.discriminator`` attribute, else from an earlier ``adapt`` call that produced
@@ -48,12 +49,14 @@ class RetrainAdaptation(Adaptation):
     retrains = True
 
     def __init__(self, batch_size: int = 16, lr: float | None = None, lr_d: float | None = None,
-                 n_critic: int | None = None, warmup_d_steps: int | None = None, reg_every: int | None = None):
+                 n_critic: int | None = None, warmup_d_steps: int | None = None, reg_every: int | None = None,
+                 pipeline: str = "detect"):
         if int(batch_size) < 1:
             raise ConfigError(f"adaptation 'retrain': batch_size must be >= 1, got {batch_size}")
         for key, value in (("n_critic", n_critic), ("reg_every", reg_every)):
             if value is not None and int(value) < 1:
                 raise ConfigError(f"adaptation 'retrain': {key} must be >= 1, got {value}")
+        self.pipeline = check_pipeline(pipeline, "retrain")
         self.batch_size = int(batch_size)
         self.lr, self.lr_d, self.n_critic = lr, lr_d, n_critic
         self.warmup_d_steps = warmup_d_steps
