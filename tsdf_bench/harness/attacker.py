@@ -172,6 +172,8 @@ class Attacker:
         if isinstance(last, dict):
             info.update({k_: last[k_] for k_ in ("g_steps", "d_steps", "n_critic", "lr", "lr_d", "reg_every")
                          if k_ in last})
+            if discriminator is None and last.get("discriminator"):  # how the adaptation's own D started
+                info["discriminator"] = last["discriminator"]
             info["adaptation_info"] = dict(last)
         return Retrained(new, digest, info, time.perf_counter() - t0)
 

@@ -11,8 +11,9 @@
   with ``identity_CelebA.txt`` the run may pick other test rows) exist, and one batch is read.
 * **model**: each model is created as the run creates it (a paper-scale model without
   ``checkpoint`` is an error unless ``random_init = true``, :func:`~tsdf_bench.models.checkpoints.model_options`),
-  its checkpoint file exists, loads strictly and is hashed (sha256 of the file), and one batch
-  of the data goes through its protocol targets.  A demo/smoke model that the run trains on
+  its checkpoint file exists, loads strictly and is hashed (sha256 of the file), its
+  ``discriminator_checkpoint`` (when given) loads strictly and is hashed, and one batch of the
+  data goes through its protocol targets.  A demo/smoke model that the run trains on
   first use is checked untrained (the row says whether a trained copy is cached).
 * **detector**: each detector (measured, attacker, white-box) is created with its options (a
   ``checkpoint`` option is hashed) and detects faces on one batch.
@@ -223,6 +224,16 @@ def _check_model(cfg, registry, name, batch: _Batch, device):
     else:
         model = registry.create("model", name, scale=scale, **options)
         notes.append("random initial weights (random_init = true)" if random_init else "the plugin's model as created")
+    d_path = checkpoints.discriminator_path(cfg.models.options_for(name))
+    if d_path:  # the official D the retraining attacker starts from: loaded strictly and hashed
+        info["discriminator"] = _file_info(d_path)
+        d = checkpoints.load_official_discriminator(model, d_path)
+        notes.append(f"discriminator {Path(d_path).name} loaded strictly ({sum(p.numel() for p in d.parameters()) / 1e6:.2f}M "
+                     f"parameters), sha256 {info['discriminator']['sha256'][:12]}")
+        del d
+    elif cfg.run.rounds:
+        notes.append("retraining starts from a fresh D (no discriminator_checkpoint)" if ckpt or scale == "paper"
+                     else "retraining starts from the D trained with the model")
     source = getattr(model, "reference_source", None)
     if source:
         info["reference"] = source

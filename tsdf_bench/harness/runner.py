@@ -131,10 +131,20 @@ class Runner(ProtectionMixin, MeasureMixin):
         cfg = self.cfg
         options, random_init = checkpoints.model_options(name, cfg.run.scale, cfg.models.options_for(name),
                                                          self.registry)
+        retraining = [a for a in self.adaptations.values() if getattr(a, "retrains", False)]
+        warmup = getattr(retraining[0], "warmup_d_steps", None) if retraining else None
+        fresh = f"fresh, warm-up {int(warmup) if warmup is not None else cfg.adaptations.g_steps // 4} D steps"
         if "checkpoint" in options or cfg.run.scale == "paper" or not cfg.models.train:
             self.log(f"loading model {name} ({cfg.run.scale} scale)")
             model = self.registry.create("model", name, scale=cfg.run.scale, **options)
             self._model_record[name] = checkpoints.checkpoint_record(options, random_init)
+            d_path = checkpoints.discriminator_path(cfg.models.options_for(name))
+            if d_path:  # the retraining attacker starts from the official D (no fresh-D warm-up)
+                self._discriminators[name] = checkpoints.load_official_discriminator(model, d_path)
+                self._model_record[name]["discriminator"] = checkpoints.discriminator_record("official", d_path)
+                self.log(f"model {name}: discriminator from {d_path}")
+            else:
+                self._model_record[name]["discriminator"] = fresh
         else:
             from ..models.zoo import get_model, model_path
 
@@ -150,6 +160,8 @@ class Runner(ProtectionMixin, MeasureMixin):
             self._model_record[name] = checkpoints.checkpoint_record({"checkpoint": path})
             # the attacker trained this model, so it also has its discriminator for retraining
             self._discriminators[name] = checkpoints.load_discriminator(model, path)
+            self._model_record[name]["discriminator"] = (checkpoints.discriminator_record("demo")
+                                                         if self._discriminators[name] is not None else fresh)
         return speed.channels_last(model.to(self.device).eval())
 
     def detector(self, name: str):

@@ -19,6 +19,11 @@ A paper-scale model needs a checkpoint: :func:`model_options` (called by whoever
 from a config) refuses a paper-scale model without ``checkpoint`` unless its table says
 ``random_init = true``; :func:`create_model` does that and the creation in one call.
 
+Official discriminators (``[models.<name>] discriminator_checkpoint``: StarGAN/AttentionGAN
+``200000-D.ckpt``, AttGAN's ``"D"`` entry of ``weights.199.pth``) load with
+:func:`load_official_discriminator`; the retraining attacker then starts from them instead of a
+fresh D (rows record which: :func:`discriminator_record`).
+
 Our own files (``save_model``) hold ``{"format": FORMAT, "model", "scale", "config",
 "state_dict", "discriminator"}``; a JSON manifest beside them records how they were made
 (config, data hash, steps, seed, package versions, sha256 of the weights).
@@ -241,6 +246,76 @@ def load_discriminator(model, path):
     return d
 
 
+DISCRIMINATOR_KEYS = ("D", "dis")  # where official training files keep D (AttGAN: "D"; HiSD's dis_*.pt: "dis")
+
+
+def load_official_discriminator(model, path):
+    """The discriminator for ``model`` stored in ``path`` (``[models.<name>] discriminator_checkpoint``).
+
+    Accepted: the official D files as the official code saves them -- StarGAN / AttentionGAN
+    ``200000-D.ckpt`` (a bare state_dict), AttGAN ``weights.199.pth`` (its ``"D"`` entry; a bare D
+    state_dict is accepted too) -- and our own model files (their ``discriminator``).  Read with
+    ``torch.load(weights_only=True)``; the ``module.`` prefix of ``nn.DataParallel`` saves is
+    stripped; a model whose D names keys differently from the official code maps them with
+    ``discriminator_key_from_official(key)`` (AttGAN).  Loaded strictly: a mismatch names the keys
+    (and says so when the file is the generator's).  Returns the module in eval mode."""
+    source = f"discriminator_checkpoint {path}"
+    name = getattr(model, "name", type(model).__name__)
+    obj = _read(path)
+    own = isinstance(obj, dict) and obj.get("format") == FORMAT
+    if own:
+        state = obj.get("discriminator") or {}
+        if not state:
+            raise CheckpointError(f"{source} is a tsdf-bench model file without a discriminator")
+    elif isinstance(obj, dict):
+        state = obj
+        for key in tuple(getattr(model, "official_discriminator_keys", DISCRIMINATOR_KEYS)):
+            if isinstance(obj.get(key), dict):
+                state = obj[key]
+                break
+    else:
+        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state_dict")
+    if not state or not all(torch.is_tensor(v) for v in state.values()):
+        found = _few([str(k) for k in state]) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{source} is not a discriminator checkpoint of {name}: expected a state_dict of "
+                              f"tensors, bare or under key 'D'; found keys {found}")
+    d = model.make_discriminator()
+    expected = d.state_dict()
+    state = adapt_state_dict(state, expected)[0]
+    rename = getattr(model, "discriminator_key_from_official", None)
+    if rename is not None and not own:
+        state = {rename(k): v for k, v in state.items()}
+    missing, unexpected, mismatching = compare_state_dicts(expected, state)
+    if missing or unexpected or mismatching:
+        parts = [f"{len(keys)} {what}: {_few(keys, 3 if what.startswith('shape') else 5)}"
+                 for what, keys in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
+                                    ("shape mismatch(es)", mismatching)) if keys]
+        hint = ""
+        try:
+            generator = model.official_state_dict()
+            if not any(compare_state_dicts(generator, adapt_state_dict(state, generator)[0])):
+                hint = " This is the generator's file: pass the discriminator's (e.g. 200000-D.ckpt)."
+        except Exception:  # noqa: BLE001 - only a hint
+            pass
+        official = getattr(model, "official_discriminator_file", "")
+        raise CheckpointError(f"{source} does not fit the discriminator of {name} at scale "
+                              f"{getattr(model, 'scale', '?')!r}: " + "; ".join(parts) + "." + hint
+                              + (f" Expected: {official}." if official else ""))
+    d.load_state_dict(state, strict=True)
+    return d.eval()
+
+
+def discriminator_record(source: str, path=None) -> str:
+    """What a row's ``discriminator`` column says: ``"official <path> <sha256>"``,
+    ``"trained with the demo model"``, or ``"fresh, warm-up N D steps"`` (set by the retraining)."""
+    if source == "official":
+        p = Path(path).expanduser()
+        return f"official {p.resolve()} {sha256_file(p)}"
+    if source == "demo":
+        return "trained with the demo model"
+    return source
+
+
 def sha256_file(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -279,10 +354,20 @@ def _plugin_class(registry, name):
         return None
 
 
+DISCRIMINATOR_OPTION = "discriminator_checkpoint"
+
+
+def discriminator_path(options: dict) -> str | None:
+    """``[models.<name>] discriminator_checkpoint`` (the official D the retraining attacker starts
+    from; :func:`load_official_discriminator`), or None."""
+    return options.get(DISCRIMINATOR_OPTION) or None
+
+
 def model_options(name: str, scale: str, options: dict, registry=None) -> tuple[dict, bool]:
     """``(options for the plugin, random_init)`` from a ``[models.<name>]`` table.
 
-    Pops ``random_init`` (the plugins do not take it).  At paper scale a model without
+    Pops ``random_init`` and ``discriminator_checkpoint`` (the plugins do not take them; read the
+    latter with :func:`discriminator_path`; it needs ``checkpoint``).  At paper scale a model without
     ``checkpoint`` is a :class:`ConfigError` naming the model, the option and the fix, unless
     ``random_init = true`` (the randomly initialised architecture, on purpose; rows should then
     record ``random_init``).  ``random_init`` with a checkpoint, or at another scale (demo/smoke
@@ -290,10 +375,14 @@ def model_options(name: str, scale: str, options: dict, registry=None) -> tuple[
     """
     options = dict(options)
     random_init = options.pop("random_init", False)
+    discriminator = options.pop(DISCRIMINATOR_OPTION, None)
     table = f"[models.{name}]"
     if not isinstance(random_init, bool):
         raise ConfigError(f"{table} random_init must be true or false, got {random_init!r}")
     checkpoint = options.get("checkpoint")
+    if discriminator is not None and (not isinstance(discriminator, (str, os.PathLike)) or not checkpoint):
+        raise ConfigError(f"{table} {DISCRIMINATOR_OPTION} = {discriminator!r}: it must be a path, and it goes with "
+                          "the generator's checkpoint (set checkpoint = \"...\" too)")
     if random_init and checkpoint:
         raise ConfigError(f"{table} has both checkpoint = {checkpoint!r} and random_init = true; keep one "
                           "(random_init = true runs the randomly initialised architecture)")

@@ -32,9 +32,12 @@ class RetrainAdaptation(Adaptation):
     does for HiSD), ``pipeline`` ("detect": the attacker's detector and crop, TSDF's threat model;
     "aligned": already aligned faces, no detector, the LoRA Patching setting).
 
-    The discriminator is taken from ``adapt(..., discriminator=D)``, else from a
-    ``model.discriminator`` attribute, else from an earlier ``adapt`` call that produced
-    ``model`` (multi-round retraining continues with its D); otherwise it is built fresh.
+    The discriminator is taken from ``adapt(..., discriminator=D)`` (the harness passes the official
+    D of ``[models.<name>] discriminator_checkpoint``, or the D the demo model was trained with),
+    else from a ``model.discriminator`` attribute, else from an earlier ``adapt`` call that
+    produced ``model`` (multi-round retraining continues with its D); otherwise it is built fresh
+    and warmed up alone first.  ``last_info["discriminator"]`` says how the chain's D started when
+    the caller did not give it: ``"fresh, warm-up N D steps"`` or ``"the model's own"``.
     With no crops at all (the detector was fully poisoned) the attacker has nothing to train
     on: the model is returned unchanged (a copy) and ``last_info["skipped"]`` says why.
     ``last_info`` records ``g_steps`` and ``d_steps`` actually taken, ``n_critic``, ``lr``, ``lr_d``,
@@ -81,30 +84,36 @@ class RetrainAdaptation(Adaptation):
         """Return a deep copy of ``model`` fine-tuned for ``steps`` generator updates."""
         from tsdf_bench.models.training import train
 
+        origin = None  # how the chain's D started, when the caller did not give it (the caller records its own)
         if discriminator is None:
             discriminator = getattr(model, "discriminator", None)
-        if discriminator is None:
-            discriminator = self._discriminators.get(model)
+            origin = "the model's own" if discriminator is not None else None
+        if discriminator is None and model in self._discriminators:
+            discriminator, origin = self._discriminators[model]
         new_model = copy.deepcopy(model)
         n = int(crops.shape[0]) if isinstance(crops, torch.Tensor) else 0
         plan = self.schedule(model)
+        warmup = self.warmup_d_steps if self.warmup_d_steps is not None else steps // 4
+        if discriminator is None:
+            origin = f"fresh, warm-up {int(warmup)} D steps"
+        described = {"discriminator": origin} if origin is not None else {}
         if n == 0 or steps == 0:
             new_model.eval()
             self.last_result = None
             self.last_info = {"images": n, "g_steps": 0, "d_steps": 0, **plan,
+                              **(described if discriminator is not None else {}),
                               "skipped": "no usable crops collected" if n == 0 else "g_steps=0"}
             if discriminator is not None:
-                self._discriminators[new_model] = discriminator
+                self._discriminators[new_model] = (discriminator, origin)
             return new_model
-        warmup = self.warmup_d_steps if self.warmup_d_steps is not None else steps // 4
         result = train(new_model, crops, attrs, int(steps) * plan["n_critic"],
                        discriminator=copy.deepcopy(discriminator) if discriminator is not None else None,
                        batch_size=self.batch_size, lr=plan["lr"], lr_d=plan["lr_d"], n_critic=plan["n_critic"],
                        seed=int(seed), warmup_d_steps=int(warmup), progress=progress,
                        checkpoint_dir=checkpoint_dir, reg_every=plan["reg_every"])
-        self._discriminators[result.model] = result.discriminator
+        self._discriminators[result.model] = (result.discriminator, origin)
         self.last_result = result
         parts = [row.get("part") for row in result.history]
         self.last_info = {"images": n, "g_steps": parts.count("g"), "d_steps": parts.count("d"), **plan,
-                          "warmup_d_steps": int(warmup) if discriminator is None else 0}
+                          "warmup_d_steps": int(warmup) if discriminator is None else 0, **described}
         return result.model

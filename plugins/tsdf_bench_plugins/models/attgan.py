@@ -70,6 +70,7 @@ class AttGAN(DeepfakeModel):
 
     name = "attgan"
     official_checkpoint_file = "weights.199.pth of 256_shortcut1_inject0_none"
+    official_discriminator_file = "weights.199.pth (its 'D' entry) of 256_shortcut1_inject0_none"
     attributes = ATTRIBUTES
     train_defaults = {"lr_g": 2e-4, "lr_d": 2e-4, "betas": (0.5, 0.999), "n_critic": 5}
     thres_int, test_int = 0.5, 1.0
@@ -154,6 +155,19 @@ class AttGAN(DeepfakeModel):
         c = self.config
         return AttGANDiscriminator(c["image_size"], c["d_dim"], c["d_layers"], len(self.attributes), c["d_fc_dim"],
                                    c["max_dim"])
+
+    @staticmethod
+    def discriminator_key_from_official(key: str) -> str:
+        """An official D key (``elvisyjlin/AttGAN-PyTorch``) as ours: its fully connected heads wrap
+        each Linear in a ``LinearBlock`` (``fc_adv.0.layers.0``, ``fc_adv.1.layers.0``: Linear, ReLU
+        / Linear), ours are one Sequential (``fc_adv.0``, ReLU, ``fc_adv.2``).  The conv trunk's
+        keys (``conv.<i>.layers.<j>``) are the same."""
+        head, dot, rest = key.partition(".")
+        if head in ("fc_adv", "fc_cls") and dot:
+            index, _, tail = rest.partition(".layers.0.")
+            if index in ("0", "1") and tail:
+                return f"{head}.{2 * int(index)}.{tail}"
+        return key
 
     def reconstruction_loss(self, x, attrs):
         """Demo warm-up term (see :func:`tsdf_bench.models.training.train`): ``lambda_rec * |G(x, a) - x|_1``."""

@@ -61,6 +61,7 @@ class StarGAN(DeepfakeModel):
 
     name = "stargan"
     official_checkpoint_file = "200000-G.ckpt of the 256 px CelebA model"
+    official_discriminator_file = "200000-D.ckpt beside 200000-G.ckpt (a bare state_dict, the official key names)"
     attributes = ATTRIBUTES
     out_channels, tanh = 3, True
     train_defaults = {"lr_g": 1e-4, "lr_d": 1e-4, "betas": (0.5, 0.999), "n_critic": 5}
