@@ -47,7 +47,11 @@ def main(argv=None):
     det = get_registry().create("detector", args.detector).eval()
     counts = [int(n) for n in args.faces.split(",")]
     data = load_embedded(image_size=args.size, seed=0)
-    train, held = data.train.images[: max(counts)], data.eval.images[: args.held_out]
+    # fit on faces the detector finds when clean (recall is undefined on a face it never saw)
+    pool = data.train.images[: 4 * max(counts)]
+    with torch.no_grad():
+        found = torch.tensor([len(d) > 0 for d in det.detect(pool)])
+    train, held = pool[found][: max(counts)], data.eval.images[: args.held_out]
 
     def recall(x, w):
         return detection_scores(det.detect(x), det.detect((x + w).clamp(-1, 1)))["recall"]
