@@ -16,8 +16,24 @@ from .plan import Cell
 from .state import ChainState, Protected, _cached, _Failed
 
 
+def log_phase(log, phase: str, label: str, seconds: float) -> None:
+    """One log line per finished phase: ``phase <name> <seconds> s: <what>`` (fit, protect, prep,
+    retrain, control, forge, detect, measure)."""
+    log(f"phase {phase:<7} {seconds:8.2f} s  {label}")
+
+
 class MeasureMixin:
-    """:class:`~tsdf_bench.harness.runner.Runner`'s measuring stage (see :meth:`measure`)."""
+    """:class:`~tsdf_bench.harness.runner.Runner`'s measuring stage (see :meth:`measure`).
+
+    Memory: the original models' clean forgeries of the eval photos (``n_eval x targets`` images
+    per model) are cached for :attr:`clean_cache_models` models at a time (default 1: the model
+    whose chains run now; the loop runs every chain of one model before the next, so a model's
+    forgeries are made once per defense and seed instead of once per run), so peak memory does not
+    grow with the number of models.  Recomputing gives the same tensors (the generation is seeded),
+    so rows do not depend on the bound.  Clean-retraining controls are kept for the current seed
+    only (every defense of a seed shares them; seeds are the outer loop)."""
+
+    clean_cache_models: int | None = 1  # None: every model's clean forgeries for the whole run
 
     def clean_reference(self, model_name: str, adaptation_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(model-size clean input, original model's forgery of it), after the adaptation's purify."""
@@ -26,12 +42,24 @@ class MeasureMixin:
         if not speed.optimizations_enabled():
             self._clean_fake.pop(key, None)
         if key not in self._clean_fake:
+            self._bound_clean_cache(model_name)
             model = self.model(model_name)
             clean = adaptation.purify(self.data.eval.images)
             x = to_size(clean, model.image_size)
             fake = self._generate(model, clean, self.data.eval.attrs, (0, "clean", model_name))
             self._clean_fake[key] = (x, fake)
         return self._clean_fake[key]
+
+    def _bound_clean_cache(self, model_name: str) -> None:
+        """Drop the clean forgeries of the least recently added models beyond :attr:`clean_cache_models`
+        (``model_name``'s, about to be added, counts as one)."""
+        limit = self.clean_cache_models
+        if limit is None:
+            return
+        others = [m for m in dict.fromkeys(k[0] for k in self._clean_fake) if m != model_name]
+        drop = set(others[:max(0, len(others) - max(0, int(limit) - 1))])
+        for key in [k for k in self._clean_fake if k[0] in drop]:
+            del self._clean_fake[key]
 
     def forgeable(self, prot: Protected, size: int, adaptation):
         """The protected eval photos as the attacker's pipeline gives them (cached per defense)."""
@@ -79,35 +107,50 @@ class MeasureMixin:
         fake_prot = self._generate(model, x_prot, attrs, (cell.seed, "forge", *cell)) if forged else None
         reference = reference if forged else None
         t1 = time.perf_counter()
+        label = f"{cell.defense}/{cell.model}/{cell.adaptation}/round {cell.round}/seed {cell.seed}"
+        log = getattr(self, "log", lambda msg: None)
+        log_phase(log, "forge", label, t1 - t0)
         names = list(self.cfg.detectors.names)
         dets_clean = {d: self.clean_detections(d) for d in names}
         dets_prot = {d: self.protected_detections(prot, d) for d in names}
         t2 = time.perf_counter()
+        log_phase(log, "detect", label, t2 - t1)
         batch = EvalBatch(clean=x_clean, protected=x_prot, fake_clean=reference, fake_protected=fake_prot,
                           detections_clean=dets_clean, detections_protected=dets_prot,
                           crop_kept=state.usable if cell.round > 0 else None)
         metrics: dict = dict(extra)
         for metric in self.metrics:
             metrics.update(metric.compute(batch))
+        del batch
+        persistence_s = 0.0
         if forged:
             success = self._pair_success(fake_prot, reference, x_clean)
             metrics.update(self._rate_columns("sr_mask", success, photos))
             if cell.round > 0:
+                tp = time.perf_counter()
                 metrics.update(self._persistence(cell, state, x_clean, x_prot, reference, attrs, photos, success,
                                                  timings))
+                persistence_s = time.perf_counter() - tp
         t3 = time.perf_counter()
-        timings.update(generate_s=t1 - t0, detect_s=t2 - t1, metrics_s=t3 - t2)
+        # metrics_s: the metric plugins and SR_mask only; generating forgeries (the retrained model's
+        # clean one included) is generate_s, the control's retraining control_s and the original /
+        # control models' forgeries and scores control_measure_s
+        timings.update(generate_s=t1 - t0, detect_s=t2 - t1, metrics_s=t3 - t2 - persistence_s)
+        log_phase(log, "measure", label, timings["metrics_s"])
         if cell.seed == self.cfg.run.seeds[0] and forged:
             self._save_sample(cell, prot, reference, fake_prot)
         return metrics
 
     def _persistence(self, cell, state, x_clean, x_prot, reference, attrs, photos, success, timings) -> dict:
         """The columns that tell what retraining on the protected photos did (see the attacker)."""
-        t0 = time.perf_counter()
         base = self.model(cell.model)
+        t_ctrl = time.perf_counter()
+        control = self._control(cell)  # retrained here on first use (control_s), else shared
+        t0 = time.perf_counter()
+        timings["control_s"] = t0 - t_ctrl
         out = {}
         scored = {}
-        for role, model in (("orig", base), ("ctrl", self._control(cell).model)):
+        for role, model in (("orig", base), ("ctrl", control.model)):
             ref = self._generate(model, x_clean, attrs, (cell.seed, f"{role}-clean", *cell))
             fake = self._generate(model, x_prot, attrs, (cell.seed, f"{role}-forge", *cell))
             scored[role] = self._pair_success(fake, ref, x_clean)
@@ -116,6 +159,7 @@ class MeasureMixin:
             out[f"l2_mask_{role}"] = float(torch.nan_to_num(l2).mean()) if l2.numel() else None
             if role == "orig":
                 out["retrained_clean_mse"] = float(((reference - ref) ** 2).mean()) if ref.numel() else None
+            del ref, fake, l2  # at most one role's forgeries at a time
         own = float(success.float().mean()) if success.numel() else None
         out["adaptation_gain"] = out["sr_mask_ctrl"] - own if own is not None and out["sr_mask_ctrl"] is not None else None
         # The attacker keeps its retrained model unless retraining broke it (its clean forgeries
@@ -131,11 +175,23 @@ class MeasureMixin:
 
     def _control(self, cell: Cell):
         base = self.model(cell.model)
-        return _cached(self._controls, (cell.model, cell.adaptation, cell.seed, cell.round),
-                       lambda: self.attacker.control(cell.model, cell.adaptation, self.adaptations[cell.adaptation],
-                                                     cell.seed, cell.round, base,
-                                                     self._discriminators.get(cell.model)),
-                       "the clean-retraining control failed")
+        key = (cell.model, cell.adaptation, cell.seed, cell.round)
+        if key not in self._controls:
+            # controls are shared by every defense of a seed, and seeds are the outer loop: drop the
+            # other seeds' (their models and discriminators) before retraining this one
+            for cache in (self._controls, getattr(self.attacker, "_controls", {})):
+                for old in [k for k in cache if k[2] != cell.seed]:
+                    del cache[old]
+            t0 = time.perf_counter()
+            control = _cached(self._controls, key,
+                              lambda: self.attacker.control(cell.model, cell.adaptation,
+                                                            self.adaptations[cell.adaptation], cell.seed, cell.round,
+                                                            base, self._discriminators.get(cell.model)),
+                              "the clean-retraining control failed")
+            log_phase(getattr(self, "log", lambda msg: None), "control",
+                      f"{cell.model}/{cell.adaptation}/round {cell.round}/seed {cell.seed}", time.perf_counter() - t0)
+            return control
+        return _cached(self._controls, key, lambda: None, "the clean-retraining control failed")
 
     def _save_sample(self, cell: Cell, prot: Protected, fake_clean, fake_prot):
         """A few images per cell for the figures (first seed only)."""

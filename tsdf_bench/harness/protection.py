@@ -9,6 +9,7 @@ import torch
 
 from .. import speed
 from .data import select_attrs
+from .measure import log_phase
 from .provenance import tensors_hash
 from .state import Protected, _cached, _Failed, _seed
 
@@ -78,6 +79,9 @@ class ProtectionMixin:
                     parts.append(defense.protect(split.images[s].to(self.device), attrs).detach().float().cpu())
             protected[split_name] = torch.cat(parts) if parts else split.images[:0].clone()
         t2 = time.perf_counter()
+        log_phase(self.log, "fit", f"{name}/seed {seed} ({data.fit.images.shape[0]} images)", t1 - t0)
+        log_phase(self.log, "protect", f"{name}/seed {seed} ({sum(v.shape[0] for v in protected.values())} images)",
+                  t2 - t1)
         if getattr(defense, "universal", False) and getattr(defense, "perturbation", None) is not None:
             from ..defenses.base import tensor_hash
 

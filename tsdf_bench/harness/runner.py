@@ -36,7 +36,7 @@ from .. import speed
 from ..config import RunConfig
 from .attacker import Attacker, ModelChangedInPlace, _purify_key
 from .data import RunData, load_run_data, select_attrs, to_size
-from .measure import MeasureMixin
+from .measure import MeasureMixin, log_phase
 from .plan import Cell, create_checked, default_metrics, plan_cells
 from .protection import ProtectionMixin
 from .provenance import device_description, git_state, resolve_device, state_dict_hash, versions
@@ -232,6 +232,9 @@ class Runner(ProtectionMixin, MeasureMixin):
                 state.model, state.hash, state.usable = done.model, done.hash, collection.usable
                 state.retrain_info = done.info
                 state.shared.update(prep_s=t1 - t0, adapt_s=done.seconds)
+                label = f"{cell.defense}/{cell.model}/{cell.adaptation}/round {k}/seed {cell.seed}"
+                log_phase(self.log, "prep", label, t1 - t0)
+                log_phase(self.log, "retrain", f"{label} ({done.info.get('retrain_images', 0)} crops)", done.seconds)
             except Exception as exc:  # noqa: BLE001 - every later round of the chain fails with it
                 if isinstance(exc, ModelChangedInPlace):
                     self._models.pop(cell.model, None)  # the cached model is spoilt: reload it

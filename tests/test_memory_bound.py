@@ -1,0 +1,73 @@
+"""Bounded memory and phase durations: the clean-forgery cache holds one model at a time, the
+controls one seed at a time, rows do not depend on either bound, and the log has one line per
+finished phase with its seconds."""
+import re
+
+from test_runner import fake_registry, make_config, run
+
+from tsdf_bench.harness import run_config
+
+from tsdf_bench.harness.measure import MeasureMixin
+
+IGNORED = ("run_id", "timings", "traceback", "git_commit", "git_dirty")  # the lead may commit mid-test
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in IGNORED} for r in rows]
+
+
+def test_rows_are_identical_with_and_without_the_bound(tmp_path, monkeypatch):
+    sizes = []
+    original = MeasureMixin.clean_reference
+
+    def spy(self, model_name, adaptation_name):
+        out = original(self, model_name, adaptation_name)
+        sizes.append(len({k[0] for k in self._clean_fake}))
+        return out
+
+    monkeypatch.setattr(MeasureMixin, "clean_reference", spy)
+    bounded = run(tmp_path / "bounded").rows
+    assert sizes and max(sizes) == 1  # one model's clean forgeries at a time
+    sizes.clear()
+    monkeypatch.setattr(MeasureMixin, "clean_cache_models", None)  # the unbounded cache (before)
+    unbounded = run(tmp_path / "unbounded").rows
+    assert max(sizes) == 2  # both models of the fake config
+    assert len(bounded) == len(unbounded) > 0
+    assert _strip(bounded) == _strip(unbounded)
+
+
+def test_controls_are_kept_for_the_current_seed_only(tmp_path, monkeypatch):
+    seen = []
+    original = MeasureMixin._control
+
+    def spy(self, cell):
+        out = original(self, cell)
+        seen.append({k[2] for k in self._controls} | {k[2] for k in self.attacker._controls})
+        return out
+
+    monkeypatch.setattr(MeasureMixin, "_control", spy)
+    rows = run(tmp_path).rows
+    assert {r["seed"] for r in rows} == {0, 1}
+    assert seen and all(len(s) == 1 for s in seen)
+
+
+def test_the_log_has_one_line_per_finished_phase_and_metrics_s_is_the_metrics_only(tmp_path):
+    lines = []
+    out = run_config(make_config(tmp_path), fake_registry(), output=tmp_path / "runs", progress=False,
+                     log=lines.append, figures=False)
+    phases = {}
+    for line in lines:
+        m = re.match(r"phase (\w+)\s+([\d.]+) s  (.+)", line)
+        if m:
+            phases.setdefault(m[1], []).append(float(m[2]))
+    assert {"fit", "protect", "prep", "retrain", "control", "forge", "detect", "measure"} <= set(phases)
+    ok = [r for r in out.rows if r["status"] == "ok"]
+    assert len(phases["measure"]) == len(ok)
+    # the control is retrained once per (model, adaptation, round, seed), shared by the defenses
+    n_controls = len({(r["model"], r["adaptation"], r["round"], r["seed"]) for r in ok if r["round"] > 0})
+    assert len(phases["control"]) == n_controls
+    for r in ok:
+        t = r["timings"]
+        assert {"generate_s", "detect_s", "metrics_s", "fit_s", "protect_s"} <= set(t)
+        if r["round"] > 0:
+            assert {"control_s", "control_measure_s", "adapt_s", "prep_s"} <= set(t)
