@@ -291,38 +291,58 @@ def _check_detector(cfg, registry, name, batch: _Batch, device):
 
 
 # -- estimates -------------------------------------------------------------------------------
+MEASURE_COPIES = 12  # per-cell measuring memory, in units of one model's eval forgeries (see estimate)
+
+
 def estimate(cfg, models: dict, n: dict) -> dict:
     """Memory and disk for the whole grid, in bytes, from tensor sizes (float32 everywhere).
 
     ``models``: ``{name: {"targets": T, "image_size": s, "g_bytes", "d_bytes"}}`` (from the model
-    checks); ``n``: images per role (``fit``, ``collect``, ``eval``).  With ``img(S) = 3*S*S*4``:
+    checks); ``n``: images per role (``fit``, ``collect``, ``eval``).  With ``img(S) = 3*S*S*4`` and
+    ``F(m) = n_eval * T_m * img(s_m)`` (one model's forgeries of the eval photos):
 
     * data: ``(n_fit + n_collect + n_eval) * img(S_data)``;
     * generators: the sum of their parameter bytes;
-    * clean forgeries: ``sum over models of n_eval * T * img(s_model)`` (kept for the whole run);
+    * clean forgeries: ``max over models of F(m)`` (the cache holds the current model's only:
+      :attr:`~tsdf_bench.harness.measure.MeasureMixin.clean_cache_models`);
+    * measurement: ``MEASURE_COPIES * max F(m)`` for the cell being measured: its reference and
+      protected forgeries, and the ``forgery`` metric's float64 [0, 1] copies of both for PSNR and
+      SSIM with their temporaries (12 measured on CPU by ``benchmarks/test_bench_memory.py``: the
+      run's RSS grew by 13 x F per eval image, the cached clean forgery included); this is the term
+      that still grows with n_eval;
     * protected images: ``(n_collect + n_eval) * img(S_data)`` (one defense and seed at a time);
-    * crops: ``max over models of n_collect * img(s_model)``;
+    * crops: per distinct model input size, the attacker's crops of the collected photos (protected
+      and clean) and of the eval photos (protected and clean): ``2 * (n_collect + n_eval) * img(s)``;
     * retraining: ``max over models of 4 * (G + D parameter bytes)`` (copy, gradients, two Adam
-      moments);
+      moments) plus the chain's retrained model;
+    * controls: one clean-retrained model (G + D) per model, retraining round and retraining
+      adaptation of the current seed (they are shared by every defense of the seed; every
+      configured adaptation is counted);
     * peak RAM: the sum of the above.  Activations (defense fitting, one batch at a time) are not
       included: allow a few GB more at 256 px.
-    * disk: the protected-image cache, ``seeds * defenses * (n_collect + n_eval) * img(S_data)``,
-      plus a universal perturbation per seed and defense (``img(S_data)``) and the models the run
-      trains first (``G + D`` bytes each).
+    * disk: the protected-image cache, ``seeds * defenses * (n_collect + n_eval) * img(S_data)``
+      (kept until every cell succeeded, for ``--resume``), plus a universal perturbation per seed
+      and defense (``img(S_data)``) and the models the run trains first (``G + D`` bytes each).
     """
     img = lambda s: 3 * s * s * FLOAT_BYTES  # noqa: E731
     s_data = cfg.data.image_size
     runs = len(cfg.run.seeds) * len(cfg.defenses.names)
+    forgeries = max((n["eval"] * m["targets"] * img(m["image_size"]) for m in models.values()), default=0)
+    sizes = {m["image_size"] for m in models.values()}
+    rounds = int(cfg.run.rounds)
+    retraining_adaptations = max(1, len(getattr(cfg.adaptations, "names", []) or []))
     parts = {
         "data": (n["fit"] + n["collect"] + n["eval"]) * img(s_data),
         "generators": sum(m["g_bytes"] for m in models.values()),
-        "clean_forgeries": sum(n["eval"] * m["targets"] * img(m["image_size"]) for m in models.values()),
+        "clean_forgeries": forgeries,
+        "measurement": MEASURE_COPIES * forgeries,
         "protected": (n["collect"] + n["eval"]) * img(s_data),
-        "crops": max((n["collect"] * img(m["image_size"]) for m in models.values()), default=0),
-        "retraining": max((4 * (m["g_bytes"] + m["d_bytes"]) for m in models.values()), default=0),
+        "crops": sum(2 * (n["collect"] + n["eval"]) * img(s) for s in sizes),
+        "retraining": max((5 * m["g_bytes"] + 4 * m["d_bytes"] for m in models.values()), default=0),
+        "controls": rounds * retraining_adaptations * sum(m["g_bytes"] + m["d_bytes"] for m in models.values()),
     }
-    if cfg.run.rounds == 0:
-        parts["crops"] = parts["retraining"] = 0
+    if rounds == 0:
+        parts["crops"] = parts["retraining"] = parts["controls"] = 0
     disk = {
         "protected_cache": runs * (n["collect"] + n["eval"]) * img(s_data),
         "perturbations": runs * img(s_data),
