@@ -248,3 +248,18 @@ def test_sweeps_expand_into_named_variants_and_bad_sweeps_are_named():
     assert cfg.adaptations.options_for("blur-kernel_size3") == {"kernel_size": 3, "sigma": 1.0}
     with pytest.raises(ConfigError, match=r"\[adaptations.blur\] sweep must be a table of non-empty value lists"):
         from_dict({**base, "adaptations": {"names": ["blur"], "blur": {"sweep": {"kernel_size": 3}}}})
+
+
+def test_transfer_adds_one_variant_per_defense_and_source_model():
+    from tsdf_bench.config import from_dict
+
+    cfg = from_dict({"models": {"names": ["stargan", "attgan"]}, "defenses": {"names": ["cmua", "none"],
+                     "cmua": {"iterations": 2}}, "transfer": {"sources": "all", "defenses": ["cmua"]}})
+    assert cfg.defenses.names == ["cmua", "none", "cmua-from-stargan", "cmua-from-attgan"]
+    assert cfg.defenses.plugin_for("cmua-from-attgan") == "cmua"
+    assert cfg.defenses.fit_models_for("cmua-from-attgan") == ["attgan"] and cfg.defenses.fit_models_for("cmua") is None
+    assert cfg.defenses.options_for("cmua-from-attgan") == {"eps": 0.05, "iterations": 2}  # runner keys popped
+    with pytest.raises(ConfigError, match=r"\[transfer\] sources"):
+        from_dict({"models": {"names": ["stargan"]}, "defenses": {"names": ["cmua"]}, "transfer": {"sources": ["hisd"]}})
+    with pytest.raises(ConfigError, match=r"fit_models \['hisd'\] are not in \[models\] names"):
+        from_dict({"models": {"names": ["stargan"]}, "defenses": {"names": ["cmua"], "cmua": {"fit_models": ["hisd"]}}})

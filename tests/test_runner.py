@@ -235,3 +235,16 @@ def test_a_failed_start_leaves_no_run(tmp_path):
         run(tmp_path, text)
     store = ResultsStore(tmp_path / "runs" / "results.sqlite")
     assert store.runs() == [] and not [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+
+
+def test_transfer_variants_are_fitted_on_their_source_model_alone(tmp_path):
+    text = CONFIG.replace('["fake-shift", "fake-perimage", "fake-broken"]', '["fake-shift"]').replace(
+        "rounds = 2", "rounds = 0").replace("seeds = [0, 1]", "seeds = [0]").replace(
+        'names = ["fake-retrain", "fake-purify"]', 'names = ["fake-retrain"]') + '\n[transfer]\nsources = "all"\n'
+    rows = run(tmp_path, text).rows
+    by = {(r["defense"], r["model"]): r for r in rows}
+    assert set(by) == {(d, m) for d in ("fake-shift", "fake-shift-from-fake-gan", "fake-shift-from-fake-gan8")
+                       for m in ("fake-gan", "fake-gan8")}
+    assert by[("fake-shift-from-fake-gan8", "fake-gan")]["fit_models"] == ["fake-gan8"]
+    assert by[("fake-shift", "fake-gan")]["fit_models"] == ["fake-gan", "fake-gan8"]
+    assert all(r["status"] == "ok" for r in rows)

@@ -161,7 +161,17 @@ class DefensesSection(VariantsMixin, PluginSection):
     kind = "defense"
 
     def options_for(self, name: str) -> dict[str, Any]:
-        return {"eps": self.eps, **self._options(name)}
+        options = {"eps": self.eps, **self._options(name)}
+        for key in ("fit_models", "transfer_of"):  # the runner's and the leaderboard's, not the plugin's
+            options.pop(key, None)
+        return options
+
+    def fit_models_for(self, name: str) -> list[str] | None:
+        """The models ``name`` is fitted against (``fit_models = [...]`` in its table; None: all)."""
+        models = self.options.get(name, {}).get("fit_models")
+        if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
+            raise ConfigError(f"[defenses.{name}] fit_models must be a list of model names, got {models!r}")
+        return models
 
 
 @dataclass
@@ -189,9 +199,21 @@ class MetricsSection(PluginSection):
     pass
 
 
+@dataclass
+class TransferSection:
+    """Transferability (PDB's TE): each defense in ``defenses`` (default: all) is also fitted on
+    each model in ``sources`` alone (``"all"``: every model) as a variant ``<defense>-from-<model>``
+    (``fit_models = [model]``) and measured on every model; the leaderboard's TE table normalises
+    the black-box results by the white-box one (fitted on the target itself)."""
+
+    sources: list[str] | str = field(default_factory=list)
+    defenses: list[str] = field(default_factory=list)
+
+
 SECTIONS = {
     "run": RunSection, "data": DataSection, "models": ModelsSection, "defenses": DefensesSection,
     "detectors": DetectorsSection, "adaptations": AdaptationsSection, "metrics": MetricsSection,
+    "transfer": TransferSection,
 }
 PLUGIN_KIND = {"models": "model", "defenses": "defense", "detectors": "detector",
                "adaptations": "adaptation", "metrics": "metric"}
@@ -207,6 +229,7 @@ class RunConfig:
     detectors: DetectorsSection = field(default_factory=DetectorsSection)
     adaptations: AdaptationsSection = field(default_factory=AdaptationsSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    transfer: TransferSection = field(default_factory=TransferSection)
     source: str = ""  # the file it came from (not hashed)
 
     def to_dict(self) -> dict:
@@ -370,7 +393,9 @@ def from_dict(data: dict, source: str = "<dict>", base_dir=None) -> RunConfig:
         kwargs, options = {}, {}
         valid = {f.name: f for f in fields(cls) if f.name != "options"}
         for key, value in raw.items():
-            if key in valid:
+            if table == "transfer" and key == "sources" and value == "all":
+                kwargs[key] = value
+            elif key in valid:
                 f = valid[key]
                 annotation = "list[str]" if key == "white_box" else f.type
                 kwargs[key] = _check_type(value, key, table, where, annotation)
@@ -392,8 +417,36 @@ def from_dict(data: dict, source: str = "<dict>", base_dir=None) -> RunConfig:
             kwargs["options"] = options
         resolved[table] = cls(**kwargs)
     cfg = RunConfig(**resolved, source=str(source))
+    expand_transfer(cfg, where)
     _check_values(cfg, where)
     return cfg
+
+
+def transfer_variant(defense: str, model: str) -> str:
+    return f"{defense}-from-{model}"
+
+
+def expand_transfer(cfg: RunConfig, where: str) -> None:
+    """Add the ``[transfer]`` variants to ``[defenses]`` (in place; already present ones are kept)."""
+    t = cfg.transfer
+    if not t.sources:
+        return
+    sources = list(cfg.models.names) if t.sources == "all" else list(t.sources)
+    unknown = [m for m in sources if m not in cfg.models.names]
+    if unknown or isinstance(t.sources, str) and t.sources != "all":
+        raise ConfigError(f"{where}: [transfer] sources {unknown or t.sources!r} must be \"all\" or models of "
+                          f"[models] names ({', '.join(cfg.models.names)})")
+    base = list(t.defenses) if t.defenses else list(cfg.defenses.names)
+    for d in base:
+        if d not in cfg.defenses.names:
+            raise ConfigError(f"{where}: [transfer] defenses names {d!r}, which is not in [defenses] names")
+        for m in sources:
+            name = transfer_variant(d, m)
+            if name in cfg.defenses.names:
+                continue
+            cfg.defenses.names.append(name)
+            cfg.defenses.options[name] = {**cfg.defenses.options.get(d, {}), "plugin": cfg.defenses.plugin_for(d),
+                                          "fit_models": [m], "transfer_of": d}
 
 
 def _label(value) -> str:
@@ -455,6 +508,11 @@ def _check_values(cfg: RunConfig, where: str):
     if cfg.detectors.crop not in CROPS:
         raise ConfigError(f"{where}: [detectors] crop = {cfg.detectors.crop!r}; use \"frame\" (the models' framing), "
                           "\"margin\" (a square around the box) or \"align\" (5-landmark alignment)")
+    for name in cfg.defenses.names:
+        unknown = [m for m in cfg.defenses.fit_models_for(name) or () if m not in cfg.models.names]
+        if unknown:
+            raise ConfigError(f"{where}: [defenses.{name}] fit_models {unknown} are not in [models] names "
+                              f"({', '.join(cfg.models.names)})")
     if not 0 <= cfg.defenses.eps <= 2:
         raise ConfigError(f"{where}: [defenses] eps = {cfg.defenses.eps} is outside [0, 2] (the [-1, 1] scale)")
     if cfg.adaptations.g_steps < 0:

@@ -40,7 +40,7 @@ class ProtectionMixin:
         data, cfg = self.data, self.cfg
         plugin, options = cfg.defenses.plugin_for(name), cfg.defenses.options_for(name)
         models, model_problems = [], []
-        for m in cfg.models.names:
+        for m in cfg.defenses.fit_models_for(name) or cfg.models.names:  # [transfer] variants: one source
             try:
                 models.append(self.model(m))
             except _Failed as exc:
