@@ -197,3 +197,33 @@ def test_without_it_a_fresh_discriminator_is_warmed_up_and_recorded(tmp_path, mo
     assert seen == [None, None]
     r1 = next(r for r in rows if r["round"] == 1)
     assert r1["adaptation_info"]["warmup_d_steps"] == 3
+
+
+def test_preflight_loads_and_hashes_the_discriminator(tmp_path):
+    from test_preflight import CONFIG
+
+    from tsdf_bench.config import load_config
+    from tsdf_bench.harness.preflight import preflight
+
+    reg = get_registry()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    star = _model("stargan")
+    torch.save(star.official_state_dict(), ckpt / "200000-G.ckpt")
+    _write("stargan", star, ckpt / "200000-D.ckpt")
+    text = (CONFIG.format(output=tmp_path / "runs").replace('names = ["stargan", "hisd"]', 'names = ["stargan"]')
+            .replace('[models.hisd]\ncheckpoint = "ckpt/gen.pt"\nreference = "ckpt/reference_glasses_2.jpg"\n', '')
+            .replace('checkpoint = "ckpt/200000-G.ckpt"',
+                     'checkpoint = "ckpt/200000-G.ckpt"\ndiscriminator_checkpoint = "ckpt/200000-D.ckpt"'))
+    path = tmp_path / "pre.toml"
+    path.write_text(text)
+    report = preflight(load_config(path), reg)
+    check = next(c for c in report.checks if c.kind == "model" and c.name == "stargan")
+    assert check.status == "ok", report.table()
+    assert check.info["discriminator"]["sha256"] == checkpoints.sha256_file(ckpt / "200000-D.ckpt")
+    assert "discriminator 200000-D.ckpt loaded strictly" in check.detail
+    # the generator's file given as the discriminator is a hard error naming it
+    path.write_text(text.replace('discriminator_checkpoint = "ckpt/200000-D.ckpt"',
+                                 'discriminator_checkpoint = "ckpt/200000-G.ckpt"'))
+    report = preflight(load_config(path), reg)
+    assert [c.name for c in report.errors] == ["stargan"] and "generator's file" in report.errors[0].detail

@@ -290,17 +290,18 @@ def load_official_discriminator(model, path):
         parts = [f"{len(keys)} {what}: {_few(keys, 3 if what.startswith('shape') else 5)}"
                  for what, keys in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
                                     ("shape mismatch(es)", mismatching)) if keys]
-        hint = ""
+        official = getattr(model, "official_discriminator_file", "")
+        expected_file = f" Expected: {official}." if official else ""
         try:
             generator = model.official_state_dict()
-            if not any(compare_state_dicts(generator, adapt_state_dict(state, generator)[0])):
-                hint = " This is the generator's file: pass the discriminator's (e.g. 200000-D.ckpt)."
+            is_generator = not any(compare_state_dicts(generator, adapt_state_dict(state, generator)[0]))
         except Exception:  # noqa: BLE001 - only a hint
-            pass
-        official = getattr(model, "official_discriminator_file", "")
+            is_generator = False
+        if is_generator:
+            raise CheckpointError(f"{source} is the generator's file of {name}, not its discriminator: pass the "
+                                  f"discriminator's file.{expected_file}")
         raise CheckpointError(f"{source} does not fit the discriminator of {name} at scale "
-                              f"{getattr(model, 'scale', '?')!r}: " + "; ".join(parts) + "." + hint
-                              + (f" Expected: {official}." if official else ""))
+                              f"{getattr(model, 'scale', '?')!r}: " + "; ".join(parts) + "." + expected_file)
     d.load_state_dict(state, strict=True)
     return d.eval()
 
