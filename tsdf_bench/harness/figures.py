@@ -195,6 +195,39 @@ def persistence_figure(rows: list[dict], out_dir, metric: str | None = None, def
     return path
 
 
+def transfer_heatmaps(rows: list[dict], out_dir) -> list[Path]:
+    """One heat map per (defense, adaptation) of PDB's normalised TE matrix (rows: fitted on,
+    columns: measured on); none without ``[transfer]`` rows."""
+    from ..leaderboard.field import transferability
+
+    _, matrices = transferability(rows)
+    written = []
+    for (defense, adaptation), matrix in matrices.items():
+        sources = sorted({s for s, _ in matrix}, key=str)
+        targets = sorted({t for _, t in matrix}, key=str)
+        values = [[matrix.get((s, t)) for t in targets] for s in sources]
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(targets), 1.0 + 0.8 * len(sources)))
+        grid = [[math.nan if v is None else v for v in line] for line in values]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(targets)), [str(t) for t in targets], rotation=30, ha="right")
+        ax.set_yticks(range(len(sources)), [str(s) for s in sources])
+        for i, line in enumerate(values):
+            for j, v in enumerate(line):
+                ax.text(j, i, "—" if v is None else f"{v:.2f}", ha="center", va="center",
+                        color="white" if v is not None and v < 0.5 else "black", fontsize=8)
+        ax.set_xlabel("measured on")
+        ax.set_ylabel("fitted on")
+        ax.set_title(f"TE pair scores: {defense} ({adaptation})", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        path = Path(out_dir) / f"transfer_{defense}_{adaptation}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def make_figures(run_dir, rows: list[dict], out_dir=None, defenses=(), models=()) -> list[Path]:
     """Write every figure of a run; returns the paths written (missing inputs skip a figure)."""
     run_dir = Path(run_dir)
@@ -205,4 +238,5 @@ def make_figures(run_dir, rows: list[dict], out_dir=None, defenses=(), models=()
                  persistence_figure(rows, out_dir, None, defenses, models)):
         if path is not None:
             written.append(path)
+    written += transfer_heatmaps(rows, out_dir)
     return written

@@ -271,13 +271,18 @@ class Runner(ProtectionMixin, MeasureMixin):
     def defense_provenance(self, name: str) -> dict:
         """The defense's own resolved options (its table's ``eps`` included, not the global one)."""
         options = self.cfg.defenses.options_for(name)
-        return {"eps": options.get("eps", self.cfg.defenses.eps), "defense_options": options}
+        return {"eps": options.get("eps", self.cfg.defenses.eps), "defense_options": options,
+                "transfer_of": self.cfg.defenses.options.get(name, {}).get("transfer_of")}
 
     def adaptation_provenance(self, name: str) -> dict:
         """The adaptation's plugin, options and the attacker's pipeline ("detect" or "aligned")."""
+        from ..adaptations.base import Adaptation
+
+        adaptation = self.adaptations[name]
         return {"adaptation_plugin": self.cfg.adaptations.plugin_for(name),
                 "adaptation_options": self.cfg.adaptations.options_for(name),
-                "pipeline": getattr(self.adaptations[name], "pipeline", "detect")}
+                "pipeline": getattr(adaptation, "pipeline", "detect"),
+                "purifies": type(adaptation).purify is not Adaptation.purify}
 
     def _write_error(self, cell: Cell, exc: BaseException, prot: Protected | None = None, bar=None, stage=""):
         failure = CellFailure.of(exc)

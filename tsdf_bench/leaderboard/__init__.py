@@ -35,6 +35,9 @@ Rules (stated in every rendered header as :data:`RULES`, tested in tests/test_le
 """
 from __future__ import annotations
 
+import csv
+import json
+
 from pathlib import Path
 from typing import Iterable
 
@@ -98,7 +101,7 @@ def _render(rows, summary, fmt, header, table, metric_columns, registry) -> str:
     if fmt == "markdown":
         return render_markdown(summary, header, RULES, rows, only_comparison=comparison)
     if fmt == "latex":
-        return render_latex(summary, header, RULES, only_comparison=comparison)
+        return render_latex(summary, header, RULES, only_comparison=comparison, rows=rows)
     return render_csv(summary, header, only_comparison=comparison)
 
 
@@ -155,6 +158,18 @@ def write_leaderboards(rows: Iterable[dict], out_dir, header: dict | None = None
         path = out_dir / f"leaderboard.{ext}"
         path.write_text(_render(rows, summary, fmt, header, "leaderboard", metric_columns, registry), encoding="utf-8")
         paths[fmt] = path
+    from .field import field_lines
+
+    for name, lines in field_lines(rows).items():  # PDB's ROB and TE, when the rows have them
+        if lines:
+            paths[f"{name}_json"] = out_dir / f"{name}.json"
+            paths[f"{name}_json"].write_text(json.dumps(lines, indent=2, default=str) + "\n", encoding="utf-8")
+            paths[f"{name}_csv"] = out_dir / f"{name}.csv"
+            with paths[f"{name}_csv"].open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for x in lines for k in x)),
+                                        lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(lines)
     if summary["comparison"]:
         for fmt in ("csv", "json"):
             path = out_dir / f"comparison.{EXTENSIONS[fmt]}"

@@ -191,6 +191,10 @@ def render_markdown(summary, header, rules: str, rows=(), only_comparison: bool 
     if b and len(h) > 2:
         out += ["## Poisoning: face detection on protected images (round 0) and the attacker's crop yield", "",
                 _md(h, b), ""]
+    from .field import field_tables
+
+    for title, headers, body in field_tables(rows):
+        out += [f"## {title}", "", _md(headers, body), ""]
     if summary["columns"]:
         out += ["## Metrics (all models pooled)", "", _md(*metrics_table(summary["overall"], summary["columns"])), ""]
     for model in _models(summary):
@@ -221,7 +225,7 @@ def _latex_table(title, headers, body, header) -> list[str]:
             tabulate(body, headers=headers, tablefmt="latex_raw", disable_numparse=True), r"\end{table}", ""]
 
 
-def render_latex(summary, header, rules: str, only_comparison: bool = False) -> str:
+def render_latex(summary, header, rules: str, only_comparison: bool = False, rows=()) -> str:
     miss, pm, esc = MISSING["latex"], PM["latex"], latex_escape
     out = [f"% {header['title']}"] + [f"% {k}: {v}" for k, v in header_lines(header, summary["superseded"])]
     out += [f"% {rules}"]
@@ -232,6 +236,10 @@ def render_latex(summary, header, rules: str, only_comparison: bool = False) -> 
         out += _latex_table(_comparison_title(summary), *comparison_table(summary["comparison"], miss, esc), header)
     if only_comparison:
         return "\n".join(out) + "\n"
+    from .field import field_tables
+
+    for title, headers, body in field_tables(rows):
+        out += _latex_table(title, headers, [[esc(c) for c in line] for line in body], header)
     if summary["columns"]:
         out += _latex_table("Metrics (all models pooled)",
                             *metrics_table(summary["overall"], summary["columns"], miss, pm, esc), header)
