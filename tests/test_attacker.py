@@ -121,3 +121,14 @@ def test_adaptation_variants_and_sweeps_run_side_by_side(tmp_path):
     assert by["fake-purify-factor0.5"]["adaptation_options"] == {"factor": 0.5}
     assert by["fake-purify-factor0.5"]["adaptation_plugin"] == "fake-purify"
     assert by["fake-purify-factor0.5"]["fake_l2"] != by["fake-purify-factor0.9"]["fake_l2"]
+
+
+def test_a_purification_can_be_scored_against_the_unpurified_clean_forgery(tmp_path):
+    """compare_to = "clean" (PDB's comparison) scores G(T(x + W)) against G(x): the transform's own
+    change then counts, so a zero perturbation is no longer scored 0."""
+    base = ZERO.replace('names = ["fake-retrain"]', 'names = ["fake-purify", "fake-pdb"]').replace(
+        "rounds = 2", "rounds = 0") + '\n[adaptations.fake-pdb]\nplugin = "fake-purify"\ncompare_to = "clean"\n'
+    rows = run(tmp_path, base).rows
+    zero = {r["adaptation"]: r for r in rows if r["defense"] == "fake-zero"}
+    assert zero["fake-purify"]["fake_l2"] == 0 and zero["fake-pdb"]["fake_l2"] > 0
+    assert zero["fake-pdb"]["compare_to"] == "clean" and zero["fake-purify"]["compare_to"] == "purified"

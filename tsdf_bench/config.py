@@ -191,7 +191,17 @@ class AdaptationsSection(VariantsMixin, PluginSection):
     kind = "adaptation"
 
     def options_for(self, name: str) -> dict[str, Any]:
-        return self._options(name)
+        options = self._options(name)
+        options.pop("compare_to", None)  # the runner's (see compare_to)
+        return options
+
+    def compare_to(self, name: str) -> str:
+        """What a purification's forgeries are compared with: ``"purified"`` (default: G(T(x)), so
+        only the defense is measured) or ``"clean"`` (G(x), the Proactive Defense Benchmark's)."""
+        value = self.options.get(name, {}).get("compare_to", "purified")
+        if value not in ("purified", "clean"):
+            raise ConfigError(f"[adaptations.{name}] compare_to must be \"purified\" or \"clean\", got {value!r}")
+        return value
 
 
 @dataclass
@@ -508,6 +518,8 @@ def _check_values(cfg: RunConfig, where: str):
     if cfg.detectors.crop not in CROPS:
         raise ConfigError(f"{where}: [detectors] crop = {cfg.detectors.crop!r}; use \"frame\" (the models' framing), "
                           "\"margin\" (a square around the box) or \"align\" (5-landmark alignment)")
+    for name in cfg.adaptations.names:
+        cfg.adaptations.compare_to(name)  # a bad value fails at load, not mid-run
     for name in cfg.defenses.names:
         unknown = [m for m in cfg.defenses.fit_models_for(name) or () if m not in cfg.models.names]
         if unknown:

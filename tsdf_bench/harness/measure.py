@@ -36,7 +36,8 @@ class MeasureMixin:
     clean_cache_models: int | None = 1  # None: every model's clean forgeries for the whole run
 
     def clean_reference(self, model_name: str, adaptation_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(model-size clean input, original model's forgery of it), after the adaptation's purify."""
+        """(model-size clean input, original model's forgery of it), after the adaptation's purify
+        (``compare_to = "clean"``: without it, as the Proactive Defense Benchmark compares)."""
         adaptation = self.adaptations[adaptation_name]
         key = (model_name, _purify_key(adaptation, adaptation_name))
         if not speed.optimizations_enabled():
@@ -44,7 +45,8 @@ class MeasureMixin:
         if key not in self._clean_fake:
             self._bound_clean_cache(model_name)
             model = self.model(model_name)
-            clean = adaptation.purify(self.data.eval.images)
+            purified = self.cfg.adaptations.compare_to(adaptation_name) == "purified"
+            clean = adaptation.purify(self.data.eval.images) if purified else self.data.eval.images
             x = to_size(clean, model.image_size)
             fake = self._generate(model, clean, self.data.eval.attrs, (0, "clean", model_name))
             self._clean_fake[key] = (x, fake)

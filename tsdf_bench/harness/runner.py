@@ -282,7 +282,8 @@ class Runner(ProtectionMixin, MeasureMixin):
         return {"adaptation_plugin": self.cfg.adaptations.plugin_for(name),
                 "adaptation_options": self.cfg.adaptations.options_for(name),
                 "pipeline": getattr(adaptation, "pipeline", "detect"),
-                "purifies": type(adaptation).purify is not Adaptation.purify}
+                "purifies": type(adaptation).purify is not Adaptation.purify,
+                "compare_to": self.cfg.adaptations.compare_to(name)}
 
     def _write_error(self, cell: Cell, exc: BaseException, prot: Protected | None = None, bar=None, stage=""):
         failure = CellFailure.of(exc)
