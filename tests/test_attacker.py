@@ -132,3 +132,14 @@ def test_a_purification_can_be_scored_against_the_unpurified_clean_forgery(tmp_p
     zero = {r["adaptation"]: r for r in rows if r["defense"] == "fake-zero"}
     assert zero["fake-purify"]["fake_l2"] == 0 and zero["fake-pdb"]["fake_l2"] > 0
     assert zero["fake-pdb"]["compare_to"] == "clean" and zero["fake-purify"]["compare_to"] == "purified"
+
+
+def test_each_adaptation_may_use_its_own_attacker_detector(tmp_path):
+    """attacker_detector in an adaptation's table: one run compares a detector the protection
+    starves (fake-blind finds no face) with one it does not (fake-det)."""
+    text = ZERO.replace('names = ["fake-retrain"]', 'names = ["fake-retrain", "fake-retrain-blind"]').replace(
+        "rounds = 2", "rounds = 1") + '\n[adaptations.fake-retrain-blind]\nplugin = "fake-retrain"\nattacker_detector = "fake-blind"\n'
+    rows = [r for r in run(tmp_path, text).rows if r["round"] == 1 and r["defense"] == "fake-shift"]
+    by = {r["adaptation"]: r for r in rows}
+    assert by["fake-retrain-blind"]["attacker_detector"] == "fake-blind" and by["fake-retrain"]["attacker_detector"] == "fake-det"
+    assert by["fake-retrain-blind"]["retrain_images"] == 0 and by["fake-retrain"]["retrain_images"] > 0

@@ -192,8 +192,14 @@ class AdaptationsSection(VariantsMixin, PluginSection):
 
     def options_for(self, name: str) -> dict[str, Any]:
         options = self._options(name)
-        options.pop("compare_to", None)  # the runner's (see compare_to)
+        for key in ("compare_to", "attacker_detector"):  # the runner's (see compare_to, attacker_detector)
+            options.pop(key, None)
         return options
+
+    def attacker_detector(self, name: str) -> str | None:
+        """The detector of this adaptation's attacker (``attacker_detector`` in its table), None:
+        ``[detectors] attacker``.  Lets one run compare attackers that use different detectors."""
+        return self.options.get(name, {}).get("attacker_detector")
 
     def compare_to(self, name: str) -> str:
         """What a purification's forgeries are compared with: ``"purified"`` (default: G(T(x)), so
@@ -556,6 +562,9 @@ def check_names(cfg: RunConfig, registry) -> None:
             plugin = getattr(cfg, section).plugin_for(name) if kind in ("defense", "adaptation") else name
             registry.get(kind, plugin)
     registry.get("detector", cfg.detectors.attacker)
+    for name in cfg.adaptations.names:
+        if cfg.adaptations.attacker_detector(name):
+            registry.get("detector", cfg.adaptations.attacker_detector(name))
     for name in cfg.detectors.white_box or ():
         registry.get("detector", name)
 

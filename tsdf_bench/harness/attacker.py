@@ -94,10 +94,21 @@ class Attacker:
     def data(self):
         return self._data()
 
-    def preparation(self, size: int):
+    def detector_name(self, adaptation=None) -> str:
+        """The attacker's detector: the adaptation's own (``attacker_detector`` in its table), else
+        ``[detectors] attacker``."""
+        own = getattr(adaptation, "config_name", None)
+        return (self.cfg.adaptations.attacker_detector(own) if own else None) or self.cfg.detectors.attacker
+
+    def prep_key(self, adaptation) -> tuple:
+        """What makes two adaptations' preparations of the same photos differ: their input
+        transform, the attacker's detector and the pipeline."""
+        return _purify_key(adaptation), self.detector_name(adaptation), getattr(adaptation, "pipeline", "detect")
+
+    def preparation(self, size: int, adaptation=None):
         from ..prep import DataPreparation
 
-        return DataPreparation(self._detector(self.cfg.detectors.attacker), size, crop=self.cfg.detectors.crop)
+        return DataPreparation(self._detector(self.detector_name(adaptation)), size, crop=self.cfg.detectors.crop)
 
     # -- 1-2: collect and prepare ------------------------------------------------------------
     def collection(self, photos: torch.Tensor, size: int, adaptation) -> Collection:
@@ -107,7 +118,7 @@ class Attacker:
             n = photos.shape[0]
             return Collection(to_size(adaptation.purify(photos), size).float().cpu(), self.data.collect.attrs,
                               list(range(n)), n, [True] * n)
-        prep = self.preparation(size)
+        prep = self.preparation(size, adaptation)
         res = prep(adaptation.purify(photos))
         clean = self._clean_prep("collect", size, adaptation)
         usable = usable_crops(clean, res, photos.shape[0])
@@ -125,9 +136,9 @@ class Attacker:
                           self.data.collect.images.shape[0])
 
     def _clean_prep(self, split: str, size: int, adaptation):
-        key = (split, size, _purify_key(adaptation))
+        key = (split, size, *self.prep_key(adaptation))
         if key not in self._clean:
-            self._clean[key] = self.preparation(size)(adaptation.purify(getattr(self.data, split).images))
+            self._clean[key] = self.preparation(size, adaptation)(adaptation.purify(getattr(self.data, split).images))
         return self._clean[key]
 
     # -- 4: forge ----------------------------------------------------------------------------
@@ -138,7 +149,7 @@ class Attacker:
             n = protected_eval.shape[0]
             return Forgeable(to_size(adaptation.purify(protected_eval), size).float().cpu(),
                              to_size(adaptation.purify(self.data.eval.images), size).float().cpu(), list(range(n)), n)
-        prep = self.preparation(size)
+        prep = self.preparation(size, adaptation)
         res = prep(adaptation.purify(protected_eval))
         clean = prep.crop_like(adaptation.purify(self.data.eval.images), res)
         return Forgeable(res.crops.detach().float().cpu(), clean.detach().float().cpu(), res.kept.tolist(),

@@ -65,7 +65,7 @@ class MeasureMixin:
 
     def forgeable(self, prot: Protected, size: int, adaptation):
         """The protected eval photos as the attacker's pipeline gives them (cached per defense)."""
-        key = ("eval", size, _purify_key(adaptation))
+        key = ("eval", size, *self.attacker.prep_key(adaptation))
         if not speed.optimizations_enabled():
             prot.preps.pop(key, None)
         return _cached(prot.preps, key, lambda: self.attacker.forgeable(prot.eval, size, adaptation),

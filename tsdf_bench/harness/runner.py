@@ -34,7 +34,7 @@ import torch
 
 from .. import speed
 from ..config import RunConfig
-from .attacker import Attacker, ModelChangedInPlace, _purify_key
+from .attacker import Attacker, ModelChangedInPlace
 from .data import RunData, load_run_data, select_attrs, to_size
 from .measure import MeasureMixin, log_phase
 from .plan import Cell, create_checked, default_metrics, plan_cells
@@ -219,7 +219,7 @@ class Runner(ProtectionMixin, MeasureMixin):
             try:
                 adaptation = self.adaptations[cell.adaptation]
                 t0 = time.perf_counter()
-                collection = _cached(prot.preps, ("collect", state.model.image_size, _purify_key(adaptation)),
+                collection = _cached(prot.preps, ("collect", state.model.image_size, *self.attacker.prep_key(adaptation)),
                                      lambda: self.attacker.collection(prot.collect, state.model.image_size, adaptation),
                                      "the attacker's data preparation failed")
                 t1 = time.perf_counter()
@@ -283,7 +283,8 @@ class Runner(ProtectionMixin, MeasureMixin):
                 "adaptation_options": self.cfg.adaptations.options_for(name),
                 "pipeline": getattr(adaptation, "pipeline", "detect"),
                 "purifies": type(adaptation).purify is not Adaptation.purify,
-                "compare_to": self.cfg.adaptations.compare_to(name)}
+                "compare_to": self.cfg.adaptations.compare_to(name),
+                "attacker_detector": self.attacker.detector_name(adaptation)}
 
     def _write_error(self, cell: Cell, exc: BaseException, prot: Protected | None = None, bar=None, stage=""):
         failure = CellFailure.of(exc)
