@@ -26,35 +26,7 @@ measurement to fit about 90 s per model on 2 CPU cores -- a demo, not a reproduc
   (G lr 1e-4, D lr 5e-4) of translator/extractor/mappers with E/G frozen, an identity-initialised
   translator, no cycle path, a content-change L1 (weight 5) and a smaller D/extractor.
 
-Measured (this 2-core box, 1 torch thread, shared with another job; ``get_model(retrain=True)``;
-eval split = 80 augmented views incl. 2 unseen identities; change = mean |G(x) - x| on [-1, 1];
-"D acc" = the trained D's attribute head on the targeted attribute, edited vs unedited input;
-"clf acc" = an independent classifier trained on real faces (:mod:`.edit_check`)):
-
-==============  =====  ======  ==================  ==================
-model           s      change  D acc edit/unedit   clf acc edit/unedit
-==============  =====  ======  ==================  ==================
-stargan         128    0.248   0.64 / 0.22         0.29 / 0.19
-attentiongan    112    0.037   0.34 / 0.24         0.18 / 0.19
-attgan           83    0.127   0.15 / 0.04         0.06 / 0.04
-hisd             89    0.240   (no attribute head) 0.30 / 0.16
-==============  =====  ======  ==================  ==================
-
-Total about 410 s with one thread (HiSD re-measured alone after its recipe change; the others
-from the earlier run; 2 threads were not timed; expect well under 2x faster).  What the grids
-(``<name>-seed0.grid.png``) show: StarGAN -- recognisable but blurry faces; hair-colour targets
-visibly recolour the hair region (blond/brown give a light, bluish tint, black darkens it);
-Male/Young change little.  AttentionGAN -- sharp faces (the attention mask keeps the input);
-hair-colour targets lighten or darken the hair region only, faintly.  AttGAN -- recognisable
-faces with a fine checkerboard texture; hair-colour flips tint the hair, other flips are barely
-visible.  HiSD -- recognisable faces (reconstruction ``G(E(x))`` L1 0.093 on the eval views,
-up from 0.20 with the old recipe, whose edits were colour noise); the blond edit acts mostly on
-the hair (mean change 0.31 in the top 20 rows vs 0.18 in the face centre) but paints it a light
-*bluish* white with a 4-px block texture rather than a clean blond, so the classifier's gain
-(0.30 vs 0.16) is partly "lighter hair", partly artefact; self-translation ``G(T(E(x), F(x)))``
-still has L1 0.24 (the extractor's own style also recolours the hair).  Partial success: it
-edits the right region, not yet cleanly.  None of these are
-research-grade edits: thousands of steps are needed for clean ones (pass ``steps=``).
+Measured edit strength and sensitivity of the recipes (tables, curves, grids): ``docs/model-card.md``.
 """
 from __future__ import annotations
 
