@@ -71,3 +71,26 @@ def test_the_log_has_one_line_per_finished_phase_and_metrics_s_is_the_metrics_on
         assert {"generate_s", "detect_s", "metrics_s", "fit_s", "protect_s"} <= set(t)
         if r["round"] > 0:
             assert {"control_s", "control_measure_s", "adapt_s", "prep_s"} <= set(t)
+
+
+def test_streamed_forging_and_scoring_give_the_rows_of_whole_tensors(tmp_path, monkeypatch):
+    """Forgeries written batch by batch into one tensor, the persistence forgeries scored batch by
+    batch, SR_mask's masks per batch: the same rows as whole tensors (the code before the bound)."""
+    from tsdf_bench.metrics import MASK_THRESHOLD, SUCCESS_THRESHOLD, edit_mask, l2_mask
+
+    streamed = run(tmp_path / "streamed").rows
+
+    def whole_stream(self, model, images, attrs, seed_keys):
+        yield slice(0, images.shape[0]), self._generate(model, images, attrs, seed_keys)
+
+    def whole_scores(self, fake_prot, reference, x):
+        l2 = l2_mask(fake_prot, reference, edit_mask(reference, x, MASK_THRESHOLD))
+        return l2, l2 > SUCCESS_THRESHOLD
+
+    monkeypatch.setattr(MeasureMixin, "_forge", lambda self, *a: self._generate(*a))
+    monkeypatch.setattr(MeasureMixin, "_forge_stream", whole_stream)
+    monkeypatch.setattr(MeasureMixin, "_pair_scores", whole_scores)
+    monkeypatch.setattr(MeasureMixin, "clean_cache_models", None)
+    whole = run(tmp_path / "whole").rows
+    assert len(streamed) == len(whole) > 0
+    assert _strip(streamed) == _strip(whole)

@@ -48,9 +48,38 @@ class MeasureMixin:
             purified = self.cfg.adaptations.compare_to(adaptation_name) == "purified"
             clean = adaptation.purify(self.data.eval.images) if purified else self.data.eval.images
             x = to_size(clean, model.image_size)
-            fake = self._generate(model, clean, self.data.eval.attrs, (0, "clean", model_name))
+            fake = self._forge(model, clean, self.data.eval.attrs, (0, "clean", model_name))
             self._clean_fake[key] = (x, fake)
         return self._clean_fake[key]
+
+    @torch.no_grad()
+    def _forge_stream(self, model, images: torch.Tensor, attrs: torch.Tensor, seed_keys):
+        """The runner's ``_generate`` one batch at a time: yields ``(slice, [b, T, 3, s, s])``.  Same
+        seeding, batches and order, so the outputs are the same tensors; nothing else may draw
+        random numbers between two batches."""
+        from .data import select_attrs
+        from .state import _seed
+
+        x = to_size(images, model.image_size)
+        a = select_attrs(attrs, self.data.attr_names, model.attributes, f"model {model.name!r}")
+        _seed(*seed_keys)
+        generate = getattr(model, "generate_targets", None) or model.generate_all
+        for sl in self._batches(x.shape[0]):
+            with speed.autocast(self.device):
+                out = generate(x[sl].to(self.device), a[sl].to(self.device)).float().cpu()
+            yield sl, out
+
+    def _forge(self, model, images: torch.Tensor, attrs: torch.Tensor, seed_keys) -> torch.Tensor:
+        """``[N, T, 3, s, s]`` like the runner's ``_generate``, written into one preallocated tensor
+        (no list of batches plus their concatenation: half the transient memory)."""
+        out = None
+        for sl, part in self._forge_stream(model, images, attrs, seed_keys):
+            if out is None:
+                out = part.new_empty((images.shape[0], *part.shape[1:]))
+            out[sl] = part
+        if out is None:  # no images: the runner's shape
+            return self._generate(model, images, attrs, seed_keys)
+        return out
 
     def _bound_clean_cache(self, model_name: str) -> None:
         """Drop the clean forgeries of the least recently added models beyond :attr:`clean_cache_models`
@@ -71,12 +100,22 @@ class MeasureMixin:
         return _cached(prot.preps, key, lambda: self.attacker.forgeable(prot.eval, size, adaptation),
                        "the attacker's preparation of the eval photos failed")
 
-    def _pair_success(self, fake_prot, reference, x) -> torch.Tensor:
-        """Per (image, target): CMUA's masked L2 above the success threshold (the forgery metric's
-        ``mask_threshold`` / ``success_threshold`` when configured)."""
+    def _pair_scores(self, fake_prot, reference, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (image, target): CMUA's masked L2 (NaN for an empty mask) and whether it is above
+        the success threshold (the forgery metric's ``mask_threshold`` / ``success_threshold`` when
+        configured).  Computed a batch of images at a time (each pair's value is its own, so the
+        same values; the masks' temporaries stay one batch large)."""
         options = self.cfg.metrics.options_for("forgery")
-        mask = edit_mask(reference, x, options.get("mask_threshold", MASK_THRESHOLD))
-        return l2_mask(fake_prot, reference, mask) > options.get("success_threshold", SUCCESS_THRESHOLD)
+        threshold = options.get("mask_threshold", MASK_THRESHOLD)
+        l2s = []
+        for sl in self._batches(x.shape[0]) or [slice(0, 0)]:
+            l2s.append(l2_mask(fake_prot[sl], reference[sl], edit_mask(reference[sl], x[sl], threshold)))
+        l2 = torch.cat(l2s)
+        return l2, l2 > options.get("success_threshold", SUCCESS_THRESHOLD)
+
+    def _pair_success(self, fake_prot, reference, x) -> torch.Tensor:
+        """Per (image, target): CMUA's masked L2 above the success threshold (see :meth:`_pair_scores`)."""
+        return self._pair_scores(fake_prot, reference, x)[1]
 
     def _rate_columns(self, name: str, success: torch.Tensor, photos) -> dict:
         counts = photo_counts(success.numpy(), photos)
@@ -103,10 +142,10 @@ class MeasureMixin:
             fg = self.forgeable(prot, model.image_size, adaptation)
             x_clean, x_prot, attrs = fg.clean, fg.protected, self.data.eval.attrs[fg.kept]
             photos = [self.data.eval.photos[i] for i in fg.kept]
-            reference = self._generate(model, x_clean, attrs, (cell.seed, "own-clean", *cell)) if fg.kept else None
+            reference = self._forge(model, x_clean, attrs, (cell.seed, "own-clean", *cell)) if fg.kept else None
             extra = {"eval_kept": len(fg.kept), "eval_dropped": fg.n_photos - len(fg.kept)}
         forged = x_prot.shape[0] > 0  # round >= 1: nothing to forge when the pipeline dropped every photo
-        fake_prot = self._generate(model, x_prot, attrs, (cell.seed, "forge", *cell)) if forged else None
+        fake_prot = self._forge(model, x_prot, attrs, (cell.seed, "forge", *cell)) if forged else None
         reference = reference if forged else None
         t1 = time.perf_counter()
         label = f"{cell.defense}/{cell.model}/{cell.adaptation}/round {cell.round}/seed {cell.seed}"
@@ -125,9 +164,13 @@ class MeasureMixin:
             metrics.update(metric.compute(batch))
         del batch
         persistence_s = 0.0
+        sample = None
         if forged:
             success = self._pair_success(fake_prot, reference, x_clean)
             metrics.update(self._rate_columns("sr_mask", success, photos))
+            if cell.seed == self.cfg.run.seeds[0]:
+                sample = (reference[:2].clone(), fake_prot[:2].clone())
+            fake_prot = None  # scored: not needed by the persistence columns
             if cell.round > 0:
                 tp = time.perf_counter()
                 metrics.update(self._persistence(cell, state, x_clean, x_prot, reference, attrs, photos, success,
@@ -139,8 +182,8 @@ class MeasureMixin:
         # control models' forgeries and scores control_measure_s
         timings.update(generate_s=t1 - t0, detect_s=t2 - t1, metrics_s=t3 - t2 - persistence_s)
         log_phase(log, "measure", label, timings["metrics_s"])
-        if cell.seed == self.cfg.run.seeds[0] and forged:
-            self._save_sample(cell, prot, reference, fake_prot)
+        if sample is not None:
+            self._save_sample(cell, prot, *sample)
         return metrics
 
     def _persistence(self, cell, state, x_clean, x_prot, reference, attrs, photos, success, timings) -> dict:
@@ -153,15 +196,19 @@ class MeasureMixin:
         out = {}
         scored = {}
         for role, model in (("orig", base), ("ctrl", control.model)):
-            ref = self._generate(model, x_clean, attrs, (cell.seed, f"{role}-clean", *cell))
-            fake = self._generate(model, x_prot, attrs, (cell.seed, f"{role}-forge", *cell))
-            scored[role] = self._pair_success(fake, ref, x_clean)
-            out.update(self._rate_columns(f"sr_mask_{role}", scored[role], photos))
-            l2 = l2_mask(fake, ref, edit_mask(ref, x_clean))
-            out[f"l2_mask_{role}"] = float(torch.nan_to_num(l2).mean()) if l2.numel() else None
+            ref = self._forge(model, x_clean, attrs, (cell.seed, f"{role}-clean", *cell))
             if role == "orig":
                 out["retrained_clean_mse"] = float(((reference - ref) ** 2).mean()) if ref.numel() else None
-            del ref, fake, l2  # at most one role's forgeries at a time
+            # the protected forgeries scored batch by batch (never held whole)
+            scores, l2_parts = [], []
+            for sl, fake in self._forge_stream(model, x_prot, attrs, (cell.seed, f"{role}-forge", *cell)):
+                scores.append(self._pair_success(fake, ref[sl], x_clean[sl]))
+                l2_parts.append(l2_mask(fake, ref[sl], edit_mask(ref[sl], x_clean[sl])))
+            del ref
+            scored[role] = torch.cat(scores) if scores else torch.zeros(0, 0, dtype=torch.bool)
+            out.update(self._rate_columns(f"sr_mask_{role}", scored[role], photos))
+            l2 = torch.cat(l2_parts) if l2_parts else torch.zeros(0)
+            out[f"l2_mask_{role}"] = float(torch.nan_to_num(l2).mean()) if l2.numel() else None
         own = float(success.float().mean()) if success.numel() else None
         out["adaptation_gain"] = out["sr_mask_ctrl"] - own if own is not None and out["sr_mask_ctrl"] is not None else None
         # The attacker keeps its retrained model unless retraining broke it (its clean forgeries
