@@ -187,6 +187,17 @@ def test_smoke_config_runs_end_to_end_with_the_real_plugins(tmp_path):
     assert [r["retrained_clean_mse"] > 0 for r in out.rows if r["round"] == 1] == [True, True]
     assert sorted(out.files) == ["figures", "leaderboard", "results"]
     assert (out.summary.run_dir / "leaderboard" / "leaderboard.md").is_file()
+    # the real plugins' rows follow the one row schema too (tsdf_bench.schema)
+    from tsdf_bench import schema
+    from tsdf_bench.leaderboard.columns import registry_columns
+
+    from tsdf_bench_plugins.metrics.detection import DetectionMetric
+
+    declared = {c for cols in registry_columns(Registry()).values() for c in cols}
+    declared |= {c for d in cfg.detectors.names for c in DetectionMetric.detector_columns(d)}  # per detector
+    known = (set(schema.KEY_COLUMNS) | set(schema.PROVENANCE) | set(schema.HARNESS_COLUMNS) | declared
+             | {f"{r}{s}" for r in schema.HARNESS_RATES for s in ("", *schema.RATE_SUFFIXES)} | {"timings"})
+    assert not {k for r in out.rows for k in r} - known
 
 
 VARIANT = """
@@ -248,3 +259,16 @@ def test_transfer_variants_are_fitted_on_their_source_model_alone(tmp_path):
     assert by[("fake-shift-from-fake-gan8", "fake-gan")]["fit_models"] == ["fake-gan8"]
     assert by[("fake-shift", "fake-gan")]["fit_models"] == ["fake-gan", "fake-gan8"]
     assert all(r["status"] == "ok" for r in rows)
+
+
+def test_every_provenance_field_a_row_carries_is_documented_in_the_schema(tmp_path):
+    """tsdf_bench.schema is the one row schema: a new field must be documented there."""
+    from tsdf_bench import schema
+
+    rows = run(tmp_path).rows
+    metric_columns = set(fake_registry().get("metric", "fake-metric").factory.columns)
+    known = (set(schema.KEY_COLUMNS) | set(schema.PROVENANCE) | set(schema.HARNESS_COLUMNS) | metric_columns
+             | {f"{r}{s}" for r in schema.HARNESS_RATES for s in ("", *schema.RATE_SUFFIXES)}
+             | {"timings"})
+    undocumented = {k for r in rows for k in r} - known
+    assert not undocumented, f"document these row fields in tsdf_bench/schema.py: {sorted(undocumented)}"

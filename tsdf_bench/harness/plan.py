@@ -10,21 +10,12 @@ import difflib
 import importlib
 import inspect
 import re
-from typing import NamedTuple
-
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..schema import CellKey
 
 
-class Cell(NamedTuple):
-    defense: str
-    model: str
-    adaptation: str
-    round: int
-    seed: int
-
-    def key(self) -> dict:
-        return self._asdict()
+Cell = CellKey  # one cell of the plan (tsdf_bench.schema.CellKey)
 
 
 def plan_cells(cfg: RunConfig, retrains: dict[str, bool]) -> list[Cell]:

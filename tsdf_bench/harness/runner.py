@@ -37,6 +37,7 @@ from ..config import RunConfig
 from .attacker import Attacker, ModelChangedInPlace
 from .data import RunData, load_run_data, select_attrs, to_size
 from .measure import MeasureMixin, log_phase
+from ..schema import CellKey
 from .plan import Cell, create_checked, default_metrics, plan_cells
 from .protection import ProtectionMixin
 from .provenance import device_description, git_state, resolve_device, state_dict_hash, versions
@@ -345,7 +346,7 @@ class Runner(ProtectionMixin, MeasureMixin):
 
 def summarize(runner: Runner, cells: list[Cell], todo: list[Cell]) -> RunSummary:
     """Counts and failures of a run's cells, read back from its store."""
-    rows = {(r["defense"], r["model"], r["adaptation"], r["round"], r["seed"]): r
+    rows = {CellKey.of(r): r
             for r in runner.store.rows(runner.run_id)}
     errors = [rows[tuple(c)] for c in cells if tuple(c) in rows and rows[tuple(c)]["status"] != "ok"]
     ok = sum(1 for c in cells if tuple(c) in rows and rows[tuple(c)]["status"] == "ok")

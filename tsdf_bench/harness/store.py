@@ -24,8 +24,8 @@ from contextlib import closing
 from pathlib import Path
 
 from ..errors import TsdfBenchError
+from ..schema import CELL_KEYS
 
-CELL_KEYS = ("defense", "model", "adaptation", "round", "seed")
 _PROTECTED = frozenset(CELL_KEYS) | {"run_id", "status", "error", "timings"}
 
 _SCHEMA = """

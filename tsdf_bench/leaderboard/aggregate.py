@@ -20,6 +20,7 @@ from typing import Iterable
 
 from .. import stats
 from ..errors import TsdfBenchError
+from ..schema import CellKey
 from .columns import HARNESS_COLUMNS, KEY_COLUMNS, PROVENANCE_COLUMNS, shown_columns
 
 # the rate columns the summary reports at the final round k (the harness's, see columns.py)
@@ -61,7 +62,7 @@ def dedupe(rows: list[dict]) -> tuple[list[dict], int]:
     """Keep the last row per (defense, model, adaptation, round, seed); also the number replaced."""
     latest: dict[tuple, dict] = {}
     for row in rows:
-        latest[(row["defense"], row["model"], row["adaptation"], int(row["round"]), row.get("seed", 0))] = row
+        latest[CellKey.of(row)] = row
     return list(latest.values()), len(rows) - len(latest)
 
 

@@ -18,16 +18,15 @@ import importlib
 from collections.abc import Mapping
 from typing import Iterable
 
-# Row keys that are not metrics.
-KEY_COLUMNS = ("defense", "model", "adaptation", "round", "seed", "run_id", "status", "error")
+from .. import schema
+from ..schema import KEY_COLUMNS  # noqa: F401 - row keys that are not metrics (re-exported)
+
 PROVENANCE_COLUMNS = ("config_hash", "versions", "device", "checkpoint_sha256", "perturbation_sha256", "git_commit",
                       "scale", "data", "split")
 # The harness's own columns (tsdf_bench.harness.runner: measure / _persistence), not a plugin's.
-RATE_SUFFIXES = ("_lo", "_hi", "_n", "_hits", "_photos")
-HARNESS_RATES = ("sr_mask", "sr_mask_orig", "sr_mask_ctrl", "sr_mask_worst")
+RATE_SUFFIXES, HARNESS_RATES = schema.RATE_SUFFIXES, schema.HARNESS_RATES
 HARNESS_COLUMNS = (tuple(f"{c}{s}" for c in HARNESS_RATES for s in ("", *RATE_SUFFIXES))
-                   + ("l2_mask_orig", "l2_mask_ctrl", "adaptation_gain", "attacker_keeps", "retrained_clean_mse",
-                      "eval_kept", "eval_dropped", "crop_yield", "g_steps", "d_steps"))
+                   + schema.HARNESS_COLUMNS + ("crop_yield", "g_steps", "d_steps"))
 PROVENANCE_METRICS_KEY = "metrics"  # a row's list of the metric plugins that measured it
 
 
