@@ -29,7 +29,8 @@ class MeasureMixin:
     per model) are cached for :attr:`clean_cache_models` models at a time (default 1: the model
     whose chains run now; the loop runs every chain of one model before the next, so a model's
     forgeries are made once per defense and seed instead of once per run), so peak memory does not
-    grow with the number of models.  Recomputing gives the same tensors (the generation is seeded),
+    grow with the number of models; a chain's retraining rounds drop them when no other adaptation
+    shares them.  Recomputing gives the same tensors (the generation is seeded),
     so rows do not depend on the bound.  Clean-retraining controls are kept for the current seed
     only (every defense of a seed shares them; seeds are the outer loop)."""
 
@@ -80,6 +81,17 @@ class MeasureMixin:
         if out is None:  # no images: the runner's shape
             return self._generate(model, images, attrs, seed_keys)
         return out
+
+    def _release_clean_reference(self, cell: Cell) -> None:
+        """From round 1 on a chain no longer needs its round-0 clean forgeries; drop them unless
+        another adaptation shares them (same model and purification: its round 0 may come next).
+        Chains of the same model and defense run one after another, so nothing else would use them."""
+        if self.clean_cache_models is None:
+            return
+        share = lambda name: _purify_key(self.adaptations[name], name)  # noqa: E731
+        mine = share(cell.adaptation)
+        if sum(1 for name in self.adaptations if share(name) == mine) <= 1:
+            self._clean_fake.pop((cell.model, mine), None)
 
     def _bound_clean_cache(self, model_name: str) -> None:
         """Drop the clean forgeries of the least recently added models beyond :attr:`clean_cache_models`
@@ -139,6 +151,7 @@ class MeasureMixin:
             x_prot = to_size(adaptation.purify(prot.eval), model.image_size)
             attrs, photos, extra = self.data.eval.attrs, self.data.eval.photos, {}
         else:
+            self._release_clean_reference(cell)
             fg = self.forgeable(prot, model.image_size, adaptation)
             x_clean, x_prot, attrs = fg.clean, fg.protected, self.data.eval.attrs[fg.kept]
             photos = [self.data.eval.photos[i] for i in fg.kept]
