@@ -291,7 +291,10 @@ def _check_detector(cfg, registry, name, batch: _Batch, device):
 
 
 # -- estimates -------------------------------------------------------------------------------
-MEASURE_COPIES = 12  # per-cell measuring memory, in units of one model's eval forgeries (see estimate)
+# per-cell measuring memory in units of one model's eval forgeries, with and without the forgery
+# metric (measured by benchmarks/test_bench_memory.py at 256 px; see estimate)
+MEASURE_COPIES = 11
+MEASURE_COPIES_WITHOUT_FORGERY_METRIC = 3
 
 
 def estimate(cfg, models: dict, n: dict) -> dict:
@@ -306,10 +309,12 @@ def estimate(cfg, models: dict, n: dict) -> dict:
     * clean forgeries: ``max over models of F(m)`` (the cache holds the current model's only:
       :attr:`~tsdf_bench.harness.measure.MeasureMixin.clean_cache_models`);
     * measurement: ``MEASURE_COPIES * max F(m)`` for the cell being measured: its reference and
-      protected forgeries, and the ``forgery`` metric's float64 [0, 1] copies of both for PSNR and
-      SSIM with their temporaries (12 measured on CPU by ``benchmarks/test_bench_memory.py``: the
-      run's RSS grew by 13 x F per eval image, the cached clean forgery included); this is the term
-      that still grows with n_eval;
+      protected forgeries with their temporaries (about 3 F) and the ``forgery`` metric's float64
+      [0, 1] copies of both for PSNR and SSIM (about 8 F more); measured on CPU by
+      ``benchmarks/test_bench_memory.py``: the run's RSS grew by 12.2 F per eval image with the
+      forgery metric and 4.5 F without it, of which ~1.2 F are the eval photos at 256 px (data,
+      protected, model-size and cropped copies) and 1 F the cached clean forgery.  This is the term
+      that still grows with n_eval (the metric plugins take whole tensors);
     * protected images: ``(n_collect + n_eval) * img(S_data)`` (one defense and seed at a time);
     * crops: per distinct model input size, the attacker's crops of the collected photos (protected
       and clean) and of the eval photos (protected and clean): ``2 * (n_collect + n_eval) * img(s)``;
@@ -335,7 +340,8 @@ def estimate(cfg, models: dict, n: dict) -> dict:
         "data": (n["fit"] + n["collect"] + n["eval"]) * img(s_data),
         "generators": sum(m["g_bytes"] for m in models.values()),
         "clean_forgeries": forgeries,
-        "measurement": MEASURE_COPIES * forgeries,
+        "measurement": (MEASURE_COPIES if "forgery" in (list(cfg.metrics.names) or ["forgery"])
+                        else MEASURE_COPIES_WITHOUT_FORGERY_METRIC) * forgeries,
         "protected": (n["collect"] + n["eval"]) * img(s_data),
         "crops": sum(2 * (n["collect"] + n["eval"]) * img(s) for s in sizes),
         "retraining": max((5 * m["g_bytes"] + 4 * m["d_bytes"] for m in models.values()), default=0),
