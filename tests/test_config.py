@@ -109,7 +109,7 @@ def test_resolved_toml_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["demo.toml", "paper.toml", "smoke.toml", "tsdf-ablation.toml",
-                                  "poison-retinaface.toml", "field.toml", "poisoning.toml"])
+                                  "poison-retinaface.toml", "field.toml", "poisoning.toml", "demo-full.toml"])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(ROOT / "configs" / name)
     from tsdf_bench.harness.plan import check_options
@@ -118,7 +118,7 @@ def test_shipped_configs_are_valid(name):
     check_names(cfg, get_registry())
     check_options(cfg, get_registry())  # every option of every table is one its plugin takes
     assert cfg.run.scale == name.split(".")[0] or name in ("tsdf-ablation.toml", "poison-retinaface.toml",
-                                                           "field.toml", "poisoning.toml")
+                                                           "field.toml", "poisoning.toml", "demo-full.toml")
     if name == "field.toml":  # PDB's eight transforms, both detector-free attackers, the TE variants
         purifications = [a for a in cfg.adaptations.names if cfg.adaptations.plugin_for(a) not in
                          ("retrain", "lora-patch")]
