@@ -3,7 +3,7 @@ controls one seed at a time, rows do not depend on either bound, and the log has
 finished phase with its seconds."""
 import re
 
-from test_runner import fake_registry, make_config, run
+from test_runner import CONFIG, fake_registry, make_config, run
 
 from tsdf_bench.harness import run_config
 
@@ -94,3 +94,31 @@ def test_streamed_forging_and_scoring_give_the_rows_of_whole_tensors(tmp_path, m
     whole = run(tmp_path / "whole").rows
     assert len(streamed) == len(whole) > 0
     assert _strip(streamed) == _strip(whole)
+
+
+def test_protected_caches_of_finished_defenses_are_deleted(tmp_path, monkeypatch):
+    """The disk holds about one (seed, defense) of protected images: a group whose cells are all ok
+    loses its cache file before the next fit; a group with a failed cell keeps it for --resume."""
+    from tsdf_bench.harness.protection import ProtectionMixin
+
+    seen = []
+    original = ProtectionMixin.release_finished_caches
+
+    def spy(self):
+        removed = original(self)
+        seen.append(sorted(p.name.split("-seed")[0] + "-seed" + p.name.split("-seed")[1][:1]
+                           for p in (self.run_dir / "cache").glob("protected-*.pt")))
+        return removed
+
+    monkeypatch.setattr(ProtectionMixin, "release_finished_caches", spy)
+    text = CONFIG.replace('names = ["fake-metric"]', 'names = ["fake-metric", "fake-broken-metric"]')
+    text = text.replace('names = ["fake-shift", "fake-perimage", "fake-broken"]', 'names = ["fake-shift", "fake-perimage"]')
+    out = run(tmp_path / "broken", text)  # every cell fails (the broken metric): every file is kept
+    assert all(r["status"] == "error" for r in out.rows)
+    assert len(list((out.summary.run_dir / "cache").glob("protected-*.pt"))) == 4
+    seen.clear()
+    text = CONFIG.replace('names = ["fake-shift", "fake-perimage", "fake-broken"]', 'names = ["fake-shift", "fake-perimage"]')
+    out = run(tmp_path / "ok", text)
+    assert all(r["status"] == "ok" for r in out.rows)
+    # before each fit, at most the previous group's file was left (then deleted)
+    assert seen == [[], [], [], []]

@@ -207,6 +207,9 @@ def test_estimate_follows_tensor_sizes():
     assert 11.0e9 < 1000 * 14 * img < 11.1e9
     # controls: one per model for the current seed (rounds = 1, one retraining adaptation)
     assert est["ram_parts"]["controls"] == 4 * (43_350_000 + 8_430_000)
-    assert est["disk_parts"]["protected_cache"] == 3 * 7 * 6000 * img
-    assert 99e9 < est["disk_parts"]["protected_cache"] < 100e9
+    # the disk holds one defense and seed's protected images (finished groups are deleted)...
+    assert est["disk_parts"]["protected_cache"] == 6000 * img
+    # ... and every group's only when each kept a failed cell
+    assert est["protected_cache_worst"] == 3 * 7 * 6000 * img
+    assert 99e9 < est["protected_cache_worst"] < 100e9
     assert est["ram_bytes"] == sum(est["ram_parts"].values())

@@ -325,9 +325,11 @@ def estimate(cfg, models: dict, n: dict) -> dict:
       configured adaptation is counted);
     * peak RAM: the sum of the above.  Activations (defense fitting, one batch at a time) are not
       included: allow a few GB more at 256 px.
-    * disk: the protected-image cache, ``seeds * defenses * (n_collect + n_eval) * img(S_data)``
-      (kept until every cell succeeded, for ``--resume``), plus a universal perturbation per seed
-      and defense (``img(S_data)``) and the models the run trains first (``G + D`` bytes each).
+    * disk: the protected-image cache, ``(n_collect + n_eval) * img(S_data)`` for the defense and
+      seed being run (a group whose cells all succeeded loses its file before the next fit; a group
+      with a failed cell keeps it for ``--resume``: ``protected_cache_worst`` is every group's),
+      plus a universal perturbation per seed and defense (``img(S_data)``) and the models the run
+      trains first (``G + D`` bytes each).
     """
     img = lambda s: 3 * s * s * FLOAT_BYTES  # noqa: E731
     s_data = cfg.data.image_size
@@ -350,11 +352,12 @@ def estimate(cfg, models: dict, n: dict) -> dict:
     if rounds == 0:
         parts["crops"] = parts["retraining"] = parts["controls"] = 0
     disk = {
-        "protected_cache": runs * (n["collect"] + n["eval"]) * img(s_data),
+        "protected_cache": (n["collect"] + n["eval"]) * img(s_data),
         "perturbations": runs * img(s_data),
         "trained_models": sum(m["g_bytes"] + m["d_bytes"] for m in models.values() if m.get("needs_training")),
     }
-    return {"ram_parts": parts, "ram_bytes": sum(parts.values()), "disk_parts": disk, "disk_bytes": sum(disk.values())}
+    return {"ram_parts": parts, "ram_bytes": sum(parts.values()), "disk_parts": disk, "disk_bytes": sum(disk.values()),
+            "protected_cache_worst": runs * (n["collect"] + n["eval"]) * img(s_data)}
 
 
 def available_memory() -> int | None:
@@ -450,7 +453,8 @@ def preflight(cfg, registry, *, output=None, fail_fast: bool = False,
     rec.add("disk", str(out), "warn" if est["disk_bytes"] > free else "ok",
             f"~{_gb(est['disk_bytes'])} planned{partial} ("
             + ", ".join(f"{k.replace('_', ' ')} {_gb(v)}" for k, v in est["disk_parts"].items() if v)
-            + f"); free {_gb(free)}", bytes=est["disk_bytes"])
+            + f"; {_gb(est['protected_cache_worst'])} if every defense and seed kept a failed cell); free {_gb(free)}",
+            bytes=est["disk_bytes"])
     return report
 
 

@@ -36,8 +36,10 @@ class ProtectionMixin:
         Cached on disk for ``--resume`` under a key made of everything the fit depends on (the
         defense's plugin and options, the seed, the weights hash of every model, the white-box
         detectors and the data hash): a checkpoint fixed in place, other data or another option is
-        refitted, never reused.  A detector that fails to load is named in ``fit_problems``."""
+        refitted, never reused.  The files of finished groups are deleted first
+        (:meth:`release_finished_caches`).  A detector that fails to load is named in ``fit_problems``."""
         data, cfg = self.data, self.cfg
+        self.release_finished_caches()
         plugin, options = cfg.defenses.plugin_for(name), cfg.defenses.options_for(name)
         models, model_problems = [], []
         for m in cfg.defenses.fit_models_for(name) or cfg.models.names:  # [transfer] variants: one source
@@ -103,6 +105,31 @@ class ProtectionMixin:
                     "timings": result.timings, "info": info}, tmp)
         tmp.replace(cache)
         return result
+
+    def release_finished_caches(self) -> int:
+        """Delete the protected-image cache files of every (seed, defense) whose planned cells are
+        all stored ok (``--resume`` skips them), so the disk holds about one defense and seed at a
+        time; a group with a failed cell keeps its file for the retry.  Returns the files deleted.
+        Called before each fit; a store that cannot list finished cells (a Ray worker's) skips it."""
+        folder = self.run_dir / "cache"
+        done_of, cells_of = getattr(self.store, "done", None), getattr(self, "cells", None)
+        if done_of is None or cells_of is None or not folder.is_dir():
+            return 0
+        try:
+            done = done_of(self.run_id)
+            planned: dict = {}
+            for c in cells_of():
+                planned.setdefault((c.defense, c.seed), []).append(tuple(c))
+        except Exception:  # noqa: BLE001 - cleaning is a convenience
+            return 0
+        removed = 0
+        finished = {f"protected-{d}-seed{s}-" for (d, s), keys in planned.items() if all(k in done for k in keys)}
+        for path in folder.glob("protected-*.pt"):
+            prefix = path.name[:-len("-0123456789abcdef.pt")] + "-"
+            if prefix in finished:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def protected_detections(self, prot: Protected, name: str) -> list:
         if not speed.optimizations_enabled():
