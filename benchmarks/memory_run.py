@@ -3,8 +3,9 @@
 
 ``python benchmarks/memory_run.py N_EVAL BOUND OUT``: synthetic source at 256 px, three fake
 256 px generators (benchmarks/memory_fakes), two defenses, one retraining round with its control,
-the real ``forgery`` metric; ``BOUND`` is ``MeasureMixin.clean_cache_models`` ("none": every
-model's clean forgeries for the whole run, the behaviour before the bound).
+the real ``forgery`` metric; ``BOUND`` is ``MeasureMixin.clean_cache_bytes`` ("none": every
+model's clean forgeries for the whole run, the behaviour before the bound; "0": one model at a
+time, as at paper scale, where one model's forgeries exceed the default budget).
 """
 import json
 import resource
@@ -58,7 +59,7 @@ def main(n_eval: int, bound: str, out: Path) -> dict:
     from tsdf_bench.plugins import Registry
 
     torch.set_num_threads(1)
-    MeasureMixin.clean_cache_models = None if bound == "none" else int(bound)
+    MeasureMixin.clean_cache_bytes = None if bound == "none" else int(bound)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "memory.toml"
     path.write_text(CONFIG.format(n_eval=n_eval))

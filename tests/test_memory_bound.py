@@ -1,4 +1,5 @@
-"""Bounded memory and phase durations: the clean-forgery cache holds one model at a time, the
+"""Bounded memory and phase durations: the clean-forgery cache within its byte budget (one model at
+a time when a model's forgeries exceed it), the
 controls one seed at a time, rows do not depend on either bound, and the log has one line per
 finished phase with its seconds."""
 import re
@@ -26,12 +27,18 @@ def test_rows_are_identical_with_and_without_the_bound(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(MeasureMixin, "clean_reference", spy)
+    monkeypatch.setattr(MeasureMixin, "clean_cache_bytes", 0)  # as at paper scale: every model is over it
     bounded = run(tmp_path / "bounded").rows
     assert sizes and max(sizes) == 1  # one model's clean forgeries at a time
     sizes.clear()
-    monkeypatch.setattr(MeasureMixin, "clean_cache_models", None)  # the unbounded cache (before)
+    monkeypatch.setattr(MeasureMixin, "clean_cache_bytes", 1 << 30)  # the default: this tiny run fits
+    default = run(tmp_path / "default").rows
+    assert max(sizes) == 2  # both models of the fake config, for the whole run
+    sizes.clear()
+    monkeypatch.setattr(MeasureMixin, "clean_cache_bytes", None)  # the unbounded cache (before)
     unbounded = run(tmp_path / "unbounded").rows
-    assert max(sizes) == 2  # both models of the fake config
+    assert max(sizes) == 2
+    assert _strip(default) == _strip(unbounded)
     assert len(bounded) == len(unbounded) > 0
     assert _strip(bounded) == _strip(unbounded)
 
@@ -78,6 +85,7 @@ def test_streamed_forging_and_scoring_give_the_rows_of_whole_tensors(tmp_path, m
     batch, SR_mask's masks per batch: the same rows as whole tensors (the code before the bound)."""
     from tsdf_bench.metrics import MASK_THRESHOLD, SUCCESS_THRESHOLD, edit_mask, l2_mask
 
+    monkeypatch.setattr(MeasureMixin, "clean_cache_bytes", 0)
     streamed = run(tmp_path / "streamed").rows
 
     def whole_stream(self, model, images, attrs, seed_keys):
@@ -90,7 +98,7 @@ def test_streamed_forging_and_scoring_give_the_rows_of_whole_tensors(tmp_path, m
     monkeypatch.setattr(MeasureMixin, "_forge", lambda self, *a: self._generate(*a))
     monkeypatch.setattr(MeasureMixin, "_forge_stream", whole_stream)
     monkeypatch.setattr(MeasureMixin, "_pair_scores", whole_scores)
-    monkeypatch.setattr(MeasureMixin, "clean_cache_models", None)
+    monkeypatch.setattr(MeasureMixin, "clean_cache_bytes", None)
     whole = run(tmp_path / "whole").rows
     assert len(streamed) == len(whole) > 0
     assert _strip(streamed) == _strip(whole)

@@ -26,15 +26,19 @@ class MeasureMixin:
     """:class:`~tsdf_bench.harness.runner.Runner`'s measuring stage (see :meth:`measure`).
 
     Memory: the original models' clean forgeries of the eval photos (``n_eval x targets`` images
-    per model) are cached for :attr:`clean_cache_models` models at a time (default 1: the model
-    whose chains run now; the loop runs every chain of one model before the next, so a model's
-    forgeries are made once per defense and seed instead of once per run), so peak memory does not
-    grow with the number of models; a chain's retraining rounds drop them when no other adaptation
-    shares them.  Recomputing gives the same tensors (the generation is seeded),
-    so rows do not depend on the bound.  Clean-retraining controls are kept for the current seed
-    only (every defense of a seed shares them; seeds are the outer loop)."""
+    per model) are cached within a byte budget, :attr:`clean_cache_bytes` (1 GB): before a model's
+    forgeries are made, the other models' are dropped while the cache is over budget, and after,
+    the oldest other models' likewise.  So small runs (the demo: ~30 MB) keep every model's for the
+    whole run, and at paper scale (AttGAN alone: 11 GB) only the model whose chains run now is held
+    (the loop runs every chain of one model before the next; its forgeries are then made once per
+    defense and seed): the cache stays below the budget plus one model's forgeries, whatever the
+    number of models.  A chain's retraining rounds drop its round-0 forgeries when the cache is
+    over budget and no other adaptation shares them.  Recomputing gives the same tensors (the
+    generation is seeded), so rows do not depend on the budget.  Clean-retraining controls are
+    kept for the current seed only (every defense of a seed shares them; seeds are the outer
+    loop)."""
 
-    clean_cache_models: int | None = 1  # None: every model's clean forgeries for the whole run
+    clean_cache_bytes: int | None = 1 << 30  # None: every model's clean forgeries for the whole run
 
     def clean_reference(self, model_name: str, adaptation_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(model-size clean input, original model's forgery of it), after the adaptation's purify
@@ -51,6 +55,7 @@ class MeasureMixin:
             x = to_size(clean, model.image_size)
             fake = self._forge(model, clean, self.data.eval.attrs, (0, "clean", model_name))
             self._clean_fake[key] = (x, fake)
+            self._bound_clean_cache(model_name)
         return self._clean_fake[key]
 
     @torch.no_grad()
@@ -82,11 +87,16 @@ class MeasureMixin:
             return self._generate(model, images, attrs, seed_keys)
         return out
 
+    def _clean_cache_size(self) -> int:
+        return sum(t.numel() * t.element_size() for entry in self._clean_fake.values() if isinstance(entry, tuple)
+                   for t in entry)
+
     def _release_clean_reference(self, cell: Cell) -> None:
-        """From round 1 on a chain no longer needs its round-0 clean forgeries; drop them unless
-        another adaptation shares them (same model and purification: its round 0 may come next).
-        Chains of the same model and defense run one after another, so nothing else would use them."""
-        if self.clean_cache_models is None:
+        """From round 1 on a chain no longer needs its round-0 clean forgeries; over budget, drop them
+        unless another adaptation shares them (same model and purification: its round 0 may come
+        next).  Chains of the same model and defense run one after another."""
+        budget = self.clean_cache_bytes
+        if budget is None or self._clean_cache_size() <= budget:
             return
         share = lambda name: _purify_key(self.adaptations[name], name)  # noqa: E731
         mine = share(cell.adaptation)
@@ -94,15 +104,16 @@ class MeasureMixin:
             self._clean_fake.pop((cell.model, mine), None)
 
     def _bound_clean_cache(self, model_name: str) -> None:
-        """Drop the clean forgeries of the least recently added models beyond :attr:`clean_cache_models`
-        (``model_name``'s, about to be added, counts as one)."""
-        limit = self.clean_cache_models
-        if limit is None:
+        """Drop the other models' clean forgeries, oldest first, while the cache is over
+        :attr:`clean_cache_bytes` (called before and after ``model_name``'s are made)."""
+        budget = self.clean_cache_bytes
+        if budget is None:
             return
-        others = [m for m in dict.fromkeys(k[0] for k in self._clean_fake) if m != model_name]
-        drop = set(others[:max(0, len(others) - max(0, int(limit) - 1))])
-        for key in [k for k in self._clean_fake if k[0] in drop]:
-            del self._clean_fake[key]
+        for m in [m for m in dict.fromkeys(k[0] for k in self._clean_fake) if m != model_name]:
+            if self._clean_cache_size() <= budget:
+                break
+            for key in [k for k in self._clean_fake if k[0] == m]:
+                del self._clean_fake[key]
 
     def forgeable(self, prot: Protected, size: int, adaptation):
         """The protected eval photos as the attacker's pipeline gives them (cached per defense)."""
