@@ -79,7 +79,7 @@ def check_keys(registry, kind: str, name: str, options: dict) -> None:
     if kind == "model":  # the model zoo's options and random_init (tsdf_bench.models.checkpoints)
         from ..models.zoo import get_model
 
-        valid |= _parameters(get_model) | {"random_init"}
+        valid |= _parameters(get_model) | {"random_init", "discriminator_checkpoint"}
     for bad in sorted(set(options) - valid):
         close = difflib.get_close_matches(bad, sorted(valid), n=1, cutoff=0.4)
         hint = (f" Did you mean {close[0]!r}?" if close else "") + f" Valid options: {', '.join(sorted(valid))}."
