@@ -214,3 +214,14 @@ def test_estimate_follows_tensor_sizes():
     assert est["protected_cache_worst"] == 3 * 7 * 6000 * img
     assert 99e9 < est["protected_cache_worst"] < 100e9
     assert est["ram_bytes"] == sum(est["ram_parts"].values())
+
+
+def test_run_stops_at_preflight_before_any_work_and_leaves_no_run(setup):
+    """A plain run does the preflight first: a corrupt checkpoint stops it before a run exists."""
+    from tsdf_bench.harness import ResultsStore, run_config
+
+    tmp_path, path = setup
+    (tmp_path / "ckpt" / "200000-G.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(PreflightError, match="stargan"):
+        run_config(load_config(path), get_registry(), output=tmp_path / "runs", progress=False, log=lambda m: None)
+    assert not (tmp_path / "runs" / "results.sqlite").exists() or ResultsStore(tmp_path / "runs" / "results.sqlite").runs() == []

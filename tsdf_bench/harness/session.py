@@ -96,17 +96,27 @@ EXECUTORS = ("local", "ray")
 
 
 def run_config(cfg: RunConfig | None, registry, *, output=None, resume: str | None = None, progress: bool = True,
-               log=_log, figures: bool = True, executor: str = "local", ray_options: dict | None = None) -> RunOutputs:
+               log=_log, figures: bool = True, executor: str = "local", ray_options: dict | None = None,
+               preflight_first: bool = True) -> RunOutputs:
     """Run (or resume) a config to the end and write its outputs.  Ctrl-C marks the run interrupted.
 
     ``executor``: ``"local"`` (this process, the default) or ``"ray"`` (one Ray task per cell,
     :mod:`.ray_executor`; ``ray_options`` go to :func:`~.ray_executor.run_on_ray`: ``address``,
-    ``cpus_per_task``, ``gpus_per_task``).  Both write the same rows."""
+    ``cpus_per_task``, ``gpus_per_task``).  Both write the same rows.  ``preflight_first``: run
+    :func:`~.preflight.preflight` (fail fast) before the run is created."""
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     if cfg is not None:  # fail before a run is created
         check_names(cfg, registry)
         check_options(cfg, registry)
+        if preflight_first:
+            from .. import speed
+            from .preflight import preflight
+
+            # every model, detector, checkpoint file and data entry, one batch each: a bad one
+            # stops here, before any fitting (estimates over what is free are only warnings)
+            with speed.optimizations(cfg.run.optimize):
+                preflight(cfg, registry, output=output, fail_fast=True, log=log)
     cfg, store, run_id, run_dir = open_run(cfg, output, resume)
     check_names(cfg, registry)
     log(f"run {run_id}: {cfg.source} (config hash {cfg.hash[:12]}) -> {run_dir}")
