@@ -143,3 +143,11 @@ def test_each_adaptation_may_use_its_own_attacker_detector(tmp_path):
     by = {r["adaptation"]: r for r in rows}
     assert by["fake-retrain-blind"]["attacker_detector"] == "fake-blind" and by["fake-retrain"]["attacker_detector"] == "fake-det"
     assert by["fake-retrain-blind"]["retrain_images"] == 0 and by["fake-retrain"]["retrain_images"] > 0
+
+
+def test_the_detector_free_scenario_is_a_registered_adaptation():
+    from tsdf_bench.plugins import get_registry
+
+    scenario = get_registry().create("adaptation", "retrain-aligned", batch_size=4)
+    assert scenario.pipeline == "aligned" and scenario.retrains
+    assert get_registry().create("adaptation", "retrain").pipeline == "detect"

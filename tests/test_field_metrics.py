@@ -26,7 +26,7 @@ def test_cli_lists_the_field_plugins():
                          text=True, cwd=ROOT, env=env, check=True)
     rows = json.loads(out.stdout[: out.stdout.rindex("]") + 1])
     names = {(r["kind"], r["name"]) for r in rows}
-    for name in ("jpeg", "blur", "noise", "resize", "salt-pepper", "lora-patch"):
+    for name in ("jpeg", "blur", "noise", "resize", "salt-pepper", "lora-patch", "retrain-aligned"):
         assert ("adaptation", name) in names
     for name in ("identity", "lpips"):
         assert ("metric", name) in names

@@ -8,6 +8,9 @@ _P = "tsdf_bench_plugins.adaptations"
 def register_adaptations(register):
     register(AdaptationEntry("retrain", "Fine-tune the model on the crops collected from protected images (TSDF).",
                              lazy(f"{_P}.retrain:RetrainAdaptation")))
+    register(AdaptationEntry("retrain-aligned", "The detector-free scenario: retrain on pre-aligned faces (no face "
+                             "detection, so poisoning cannot starve the attacker).",
+                             lazy(f"{_P}.retrain:AlignedRetrainAdaptation")))
     register(AdaptationEntry("none", "No adaptation: protected images go to the original model as they are.",
                              lazy(f"{_P}.purify:NoAdaptation")))
     register(AdaptationEntry("jpeg", "Purify inputs by JPEG re-compression (quality 75).",

@@ -117,3 +117,15 @@ class RetrainAdaptation(Adaptation):
         self.last_info = {"images": n, "g_steps": parts.count("g"), "d_steps": parts.count("d"), **plan,
                           "warmup_d_steps": int(warmup) if discriminator is None else 0, **described}
         return result.model
+
+
+class AlignedRetrainAdaptation(RetrainAdaptation):
+    """The detector-free scenario: :class:`RetrainAdaptation` on pre-aligned faces (``pipeline =
+    "aligned"``, the LoRA Patching setting): the attacker's collection is not prepared by a face
+    detector, so a detector poison cannot starve it.  Same options as ``retrain``."""
+
+    name = "retrain-aligned"
+
+    def __init__(self, batch_size: int = 16, lr: float | None = None, lr_d: float | None = None,
+                 n_critic: int | None = None, warmup_d_steps: int | None = None, reg_every: int | None = None):
+        super().__init__(batch_size, lr, lr_d, n_critic, warmup_d_steps, reg_every, pipeline="aligned")
