@@ -121,7 +121,7 @@ def test_shipped_configs_are_valid(name):
                                                            "field.toml", "poisoning.toml", "demo-full.toml")
     if name == "field.toml":  # PDB's eight transforms, both detector-free attackers, the TE variants
         purifications = [a for a in cfg.adaptations.names if cfg.adaptations.plugin_for(a) not in
-                         ("retrain", "lora-patch")]
+                         ("retrain", "retrain-aligned", "lora-patch")]
         assert len(purifications) == 8 and cfg.adaptations.plugin_for("retrain-aligned") == "retrain-aligned"
         assert {"cmua-from-stargan", "cmua-from-attentiongan"} <= set(cfg.defenses.names)
     if name == "tsdf-ablation.toml":
