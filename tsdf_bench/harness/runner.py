@@ -37,11 +37,10 @@ from ..config import RunConfig
 from .attacker import Attacker, ModelChangedInPlace
 from .data import RunData, load_run_data, select_attrs, to_size
 from .measure import MeasureMixin, log_phase
-from ..schema import CellKey
 from .plan import Cell, create_checked, default_metrics, plan_cells
 from .protection import ProtectionMixin
 from .provenance import device_description, git_state, resolve_device, state_dict_hash, versions
-from .state import ChainState, CellFailure, Protected, RunSummary, _cached, _Failed, _seed
+from .state import ChainState, CellFailure, Protected, RunSummary, _cached, _Failed, _seed, summarize
 from .store import ResultsStore
 
 
@@ -342,12 +341,3 @@ class Runner(ProtectionMixin, MeasureMixin):
         finally:
             bar.close()
         return summarize(self, cells, todo)
-
-
-def summarize(runner: Runner, cells: list[Cell], todo: list[Cell]) -> RunSummary:
-    """Counts and failures of a run's cells, read back from its store."""
-    rows = {CellKey.of(r): r
-            for r in runner.store.rows(runner.run_id)}
-    errors = [rows[tuple(c)] for c in cells if tuple(c) in rows and rows[tuple(c)]["status"] != "ok"]
-    ok = sum(1 for c in cells if tuple(c) in rows and rows[tuple(c)]["status"] == "ok")
-    return RunSummary(runner.run_id, runner.run_dir, len(cells), ok, errors, len(cells) - len(todo))

@@ -87,3 +87,13 @@ class RunSummary:
     ok: int
     errors: list[dict]
     skipped: int
+
+
+def summarize(runner, cells: list, todo: list) -> RunSummary:
+    """Counts and failures of a run's cells, read back from its store."""
+    from ..schema import CellKey
+
+    rows = {CellKey.of(r): r for r in runner.store.rows(runner.run_id)}
+    errors = [rows[c] for c in cells if c in rows and rows[c]["status"] != "ok"]
+    ok = sum(1 for c in cells if c in rows and rows[c]["status"] == "ok")
+    return RunSummary(runner.run_id, runner.run_dir, len(cells), ok, errors, len(cells) - len(todo))
