@@ -138,6 +138,28 @@ def test_example_plugin_through_plugins_dir():
     assert y.abs().max().item() == pytest.approx(0.05) and (y > 0).any() and (y < 0).any()
 
 
+def test_a_third_partys_defense_metric_and_model_run_and_the_metric_gets_its_column(tmp_path):
+    """One file (examples/example_plugin/tsdf_bench_example.py) adds a defense, a metric and a
+    model; a run uses all three beside the built-ins and the metric's column is in the table."""
+    from tsdf_bench.config import from_dict
+    from tsdf_bench.harness import run_config
+
+    reg = Registry(plugins_dirs=[EXAMPLE])
+    cfg = from_dict({"run": {"scale": "demo", "rounds": 0, "device": "cpu"},
+                     "data": {"source": "synthetic", "image_size": 32, "n_train_defense": 2, "n_collect": 2,
+                              "n_eval": 3, "batch_size": 3},
+                     "models": {"names": ["example-tint"], "train": False},
+                     "defenses": {"names": ["example-checkerboard", "none"]},
+                     "detectors": {"names": [], "attacker": "haar"}, "adaptations": {"names": ["none"]},
+                     "metrics": {"names": ["forgery", "example-energy"]}})
+    out = run_config(cfg, reg, output=tmp_path / "runs", progress=False, log=lambda m: None, figures=False)
+    assert [r["status"] for r in out.rows] == ["ok", "ok"]
+    energy = {r["defense"]: r["energy"] for r in out.rows}
+    assert energy["example-checkerboard"] == pytest.approx(0.05 ** 2, rel=0.05) and energy["none"] == 0  # (clipped at +-1)
+    markdown = (out.summary.run_dir / "leaderboard" / "leaderboard.md").read_text()
+    assert "energy" in markdown
+
+
 @pytest.mark.slow
 def test_example_plugin_as_installed_distribution(tmp_path):
     """Build and install the example as a real distribution; discovery is by entry point only."""
@@ -151,7 +173,8 @@ def test_example_plugin_as_installed_distribution(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     mine = [r for r in rows if r["distribution"] == "tsdf-bench-example-plugin"]
-    assert {(r["kind"], r["name"]) for r in mine} == {("defense", "example-checkerboard"), ("metric", "example-energy")}
+    assert {(r["kind"], r["name"]) for r in mine} == {("defense", "example-checkerboard"), ("metric", "example-energy"),
+                                                      ("model", "example-tint")}
     assert all(r["version"] == "0.1.0" for r in mine)
     # without the distribution on the path the example is not there
     plain = json.loads(run_cli("plugins", "--json").stdout)

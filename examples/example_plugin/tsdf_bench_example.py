@@ -1,12 +1,13 @@
-"""An example tsdf-bench plugin: a checkerboard defense and a perturbation-energy metric.
+"""An example tsdf-bench plugin: a checkerboard defense, a perturbation-energy metric and a toy model.
 
 Install it (``pip install examples/example_plugin``) and it appears in ``tsdf-bench plugins``;
 or try it unpackaged with ``tsdf-bench --plugins-dir examples/example_plugin plugins``.
 """
 import torch
 
-from tsdf_bench import DefenseEntry, MetricEntry, hookimpl
+from tsdf_bench import DefenseEntry, MetricEntry, ModelEntry, hookimpl
 from tsdf_bench.defenses import Defense
+from tsdf_bench.models.base import DeepfakeModel
 
 
 class CheckerboardDefense(Defense):
@@ -38,6 +39,34 @@ class PerturbationEnergy:
 
     def compute(self, batch):
         return {"energy": float(((batch.protected - batch.clean) ** 2).mean())}
+
+
+class TintModel(DeepfakeModel):
+    """A toy 'face editor' (a model plugin example): a 1x1 convolution whose output is tinted by the
+    target attribute.  Not a real generator; it shows the interface a model needs to be attacked
+    and measured at inference time (``conditions``, ``generate``).  Retraining rounds would also
+    need ``losses`` and ``make_discriminator`` (see tsdf_bench/models/base.py)."""
+
+    name = "example-tint"
+    attributes = ("Blond_Hair",)
+
+    def __init__(self, scale="demo", image_size=32):
+        super().__init__(scale, image_size)
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(3)[:, :, None, None] * 0.9)
+            self.conv.bias.zero_()
+
+    def conditions(self, attrs):
+        return [1 - attrs]  # one target: flip the attribute
+
+    def generate(self, x, condition):
+        return torch.tanh(self.conv(x) + 0.5 * condition[:, :1, None, None])
+
+
+@hookimpl
+def register_models(register):
+    register(ModelEntry("example-tint", "A toy tinting model (example plugin).", TintModel))
 
 
 @hookimpl
