@@ -66,3 +66,38 @@ def test_generate_all_batches_and_losses_train():
     assert set(terms) == {"g_adv", "g_att", "g_rec"}
     sum(terms.values()).backward()
     assert all(p.grad is not None for p in model.G.parameters())
+
+
+def test_demo_encoder_uses_per_image_instance_norm():
+    """Demo scale only: the official code's ``--enc_norm instancenorm`` (per-image statistics in
+    eval too); with BatchNorm the demo AttGAN hardly reacts to eps = 0.05 (per-image PGD SR_mask
+    0.00 vs 0.93 at the demo recipe: docs/model-card-attgan-sensitivity.md).  The decoder and the
+    other scales keep BatchNorm."""
+    torch.manual_seed(0)
+    demo = AttGAN(scale="demo")
+    assert demo.config["enc_norm"] == "instancenorm" and demo.config["dec_norm"] == "batchnorm"
+    assert all(isinstance(block.layers[1], torch.nn.InstanceNorm2d) and block.layers[1].use_instance_stats
+               for block in demo.G.enc_layers)
+    assert all(isinstance(block.layers[1], torch.nn.BatchNorm2d) for block in demo.G.dec_layers[:-1])
+    for scale in ("paper", "smoke"):
+        model = AttGAN(scale=scale)
+        assert model.config["enc_norm"] == model.config["dec_norm"] == "batchnorm"
+        assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in model.G.modules())
+    # per-image statistics in eval: the first encoder block (bias-free conv + norm) ignores the
+    # input's contrast, which running statistics (BatchNorm in eval) do not
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        first = demo.G.enc_layers[0]
+        assert torch.allclose(first(x), first(0.5 * x), atol=1e-3)
+        bn = AttGAN(scale="demo", enc_norm="batchnorm").G.enc_layers[0]
+        assert not torch.allclose(bn(x), bn(0.5 * x), atol=1e-3)
+        # and each image is normalised alone: the batch does not change an image's features
+        assert torch.allclose(demo.encode(x)[:1], demo.encode(x[:1]), atol=1e-5)
+        demo.train()  # training uses the same per-image statistics and leaves the buffers alone
+        assert torch.allclose(first(x), first(0.5 * x), atol=1e-3)
+        demo.eval()
+    assert torch.equal(first.layers[1].running_var, torch.ones(16))
+    # the BatchNorm state_dict layout, so a demo file still names the scale it fits
+    assert demo.state_dict().keys() == AttGAN(scale="demo", enc_norm="batchnorm").state_dict().keys()
+    with pytest.raises(ConfigError, match="enc_norm"):
+        AttGAN(scale="demo", enc_norm="groupnorm")

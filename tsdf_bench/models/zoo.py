@@ -19,7 +19,9 @@ measurement to fit about 90 s per model on 2 CPU cores -- a demo, not a reproduc
 * n_critic 1, lr 2e-4 (HiSD 2e-4, official 1e-4), batch 8, and the gradient penalty / R1 only
   every 4th D step, scaled by 4 ("lazy regularisation", ``reg_every``);
 * architecture/configuration at demo scale only (see each plugin's docstring): StarGAN and
-  AttentionGAN up-sample with nearest + 3x3 conv; AttGAN uses 2 shortcut and 1 inject layers;
+  AttentionGAN up-sample with nearest + 3x3 conv; AttGAN uses 2 shortcut and 1 inject layers
+  and an instance-normalised encoder (the official code's ``--enc_norm instancenorm``; with
+  BatchNorm it hardly reacts to eps 0.05: docs/model-card-attgan-sensitivity.md);
   HiSD edits HairColor -> blond (one identity wears glasses), without the ALI real term and
   with mappers at the full lr; its demo recipe differs further (see the HiSD module doc):
   250 warm-up steps of E/G alone at lr 4e-3, Adam betas (0.9, 0.99), then 80 joint steps

@@ -10,9 +10,19 @@ Scales: ``"paper"`` (256 px, encoder/decoder 64..1024 channels, 5+5 layers, shor
 ``checkpoint=".../weights.199.pth"`` loads the official generator strictly), ``"demo"`` (64 px,
 4+4 layers, 16..128 channels, shortcut_layers 2 and inject_layers 1 -- variants from the AttGAN
 paper's ablation, chosen so a short CPU run reconstructs sharper faces and applies the attributes
-at two resolutions), ``"smoke"`` (32 px, 3+3 layers, 8..32 channels).
+at two resolutions -- and ``enc_norm="instancenorm"``), ``"smoke"`` (32 px, 3+3 layers, 8..32 channels).
 BatchNorm runs as the official code: batch statistics in training, running statistics in
 ``eval()`` (CMUA calls ``eval()``; models come out of the factory and the trainer in eval mode).
+
+Demo-scale departure, the encoder's normalisation: ``enc_norm="instancenorm"`` is the official
+code's ``--enc_norm instancenorm`` option (``nn.InstanceNorm2d(affine=True)``: per-image statistics,
+in eval too), not the CMUA checkpoint's BatchNorm.  Measured (docs/model-card-attgan-sensitivity.md):
+with BatchNorm the demo AttGAN hardly reacts to eps = 0.05 (per-image PGD SR_mask 0.00, L2_mask
+0.014 at 500 joint steps; 0.003 / 0.020 at 1,500; 0.00 / 0.013 at 3,000 in the issue-12 probe)
+whatever its shortcut/inject layout, reconstruction weight, target intensity or mask threshold;
+the instance-normalised encoder alone, same recipe and seed, gives SR_mask 0.93 (L2_mask 0.11; seed
+1: 0.93), mostly as a whole-image colour shift of the forgery.  ``enc_norm``/``dec_norm`` are options
+(``"batchnorm"`` restores the previous demo model); paper and smoke scales keep BatchNorm.
 
 Training objective (:meth:`losses`): WGAN-GP + attribute classification + reconstruction with
 the official weights: reconstruction 100, G attribute 10, D attribute 1, GP 10; targets are the
@@ -22,11 +32,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tsdf_bench.errors import ConfigError
 from tsdf_bench.models.base import DeepfakeModel
 
-from ._blocks import AttGANDiscriminator, AttGANGenerator, gradient_penalty
+from ._blocks import AttGANDiscriminator, AttGANGenerator, InstanceNorm2d, gradient_penalty
 from .stargan import scale_config
 
 ATTRIBUTES = ("Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses", "Male",
@@ -34,12 +45,36 @@ ATTRIBUTES = ("Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_
 
 CONFIGS = {
     "paper": dict(image_size=256, enc_dim=64, enc_layers=5, dec_dim=64, dec_layers=5, shortcut_layers=1,
-                  inject_layers=0, max_dim=1024, d_dim=64, d_layers=5, d_fc_dim=1024),
+                  inject_layers=0, max_dim=1024, d_dim=64, d_layers=5, d_fc_dim=1024, enc_norm="batchnorm",
+                  dec_norm="batchnorm"),
+    # demo: the official code's --enc_norm instancenorm (docs/model-card-attgan-sensitivity.md)
     "demo": dict(image_size=64, enc_dim=16, enc_layers=4, dec_dim=16, dec_layers=4, shortcut_layers=2,
-                 inject_layers=1, max_dim=256, d_dim=16, d_layers=4, d_fc_dim=128),
+                 inject_layers=1, max_dim=256, d_dim=16, d_layers=4, d_fc_dim=128, enc_norm="instancenorm",
+                 dec_norm="batchnorm"),
     "smoke": dict(image_size=32, enc_dim=8, enc_layers=3, dec_dim=8, dec_layers=3, shortcut_layers=1,
-                  inject_layers=0, max_dim=64, d_dim=8, d_layers=3, d_fc_dim=32),
+                  inject_layers=0, max_dim=64, d_dim=8, d_layers=3, d_fc_dim=32, enc_norm="batchnorm",
+                  dec_norm="batchnorm"),
 }
+NORMS = ("batchnorm", "instancenorm")  # the official code's enc_norm / dec_norm choices used here
+
+
+def set_generator_norm(G, part: str, norm: str) -> None:
+    """Use ``norm`` in the normalised blocks of ``G.enc_layers`` or ``G.dec_layers`` (``part``).
+
+    ``"instancenorm"`` is the official code's option of that name (``--enc_norm`` / ``--dec_norm``
+    in ``elvisyjlin/AttGAN-PyTorch``: ``nn.InstanceNorm2d(n, affine=True)``, per-image statistics
+    in training and eval), as :class:`._blocks.InstanceNorm2d`, which computes exactly that but
+    keeps (never updates or uses) running-statistics buffers, so the state_dict has the BatchNorm
+    keys and a file still names the scale it fits.  ``"batchnorm"`` leaves the blocks as built.
+    """
+    if norm not in NORMS:
+        raise ConfigError(f"attgan {part[:3]}_norm must be one of {NORMS}, got {norm!r}")
+    if norm == "batchnorm":
+        return
+    for block in getattr(G, part):
+        for i, layer in enumerate(block.layers):
+            if isinstance(layer, nn.BatchNorm2d):
+                block.layers[i] = InstanceNorm2d(layer.num_features)
 
 # AttGAN's attribute-conflict rules: when the key attribute is switched on, these are switched off.
 _CONFLICTS = {
@@ -86,6 +121,8 @@ class AttGAN(DeepfakeModel):
         self.config = cfg
         self.G = AttGANGenerator(cfg["enc_dim"], cfg["enc_layers"], cfg["dec_dim"], cfg["dec_layers"],
                                  len(self.attributes), cfg["shortcut_layers"], cfg["inject_layers"], cfg["max_dim"])
+        set_generator_norm(self.G, "enc_layers", cfg["enc_norm"])
+        set_generator_norm(self.G, "dec_layers", cfg["dec_norm"])
         self.eval()
         if checkpoint is not None:
             from tsdf_bench.models.checkpoints import load_model_checkpoint
