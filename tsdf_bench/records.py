@@ -79,3 +79,18 @@ def lazy(target: str) -> Callable[..., Any]:
     factory.__qualname__ = factory.__name__ = f"lazy({target})"
     factory.target = target
     return factory
+
+
+def resolve_factory(factory):
+    """The class or function behind a plugin factory (a :func:`lazy` target is imported); None
+    when it cannot be imported."""
+    target = getattr(factory, "target", None)
+    if target:
+        import importlib
+
+        module, _, attr = target.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except Exception:  # noqa: BLE001
+            return None
+    return factory

@@ -14,13 +14,12 @@ from pathlib import Path
 from ..errors import ConfigError, TsdfBenchError
 
 HELP = "train the demo deepfake models on the embedded faces (resumable; saves edit grids)"
-DEFAULT_MODELS = ("stargan", "attentiongan", "attgan", "hisd")
 
 
 def add_arguments(parser):
     parser.add_argument("--scale", default="demo", choices=["demo", "smoke"], help="model scale (default demo)")
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help=f"comma-separated model names (default {','.join(DEFAULT_MODELS)})")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated model names (default: every model plugin with a demo_recipe)")
     parser.add_argument("--steps", type=int, default=None, help="training iterations (default: the demo recipe)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="ignore cached weights and train afresh")
@@ -32,6 +31,14 @@ def add_arguments(parser):
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
+def trainable_models(registry) -> list[str]:
+    """The model plugins that declare a ``demo_recipe`` (the ones the demo trains)."""
+    from ..records import resolve_factory
+
+    return [n for n in registry.names("model")
+            if getattr(resolve_factory(registry.get("model", n).factory), "demo_recipe", None)]
+
+
 def main(args, registry):
     import torch
 
@@ -41,7 +48,8 @@ def main(args, registry):
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models is not None \
+        else trainable_models(registry)
     if not names:
         raise ConfigError("--models is empty; name at least one model, e.g. --models stargan")
     for n in names:

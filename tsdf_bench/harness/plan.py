@@ -7,11 +7,11 @@ runner and the Ray executor advance round by round.
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import re
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..records import resolve_factory
 from ..schema import CellKey
 
 
@@ -94,19 +94,6 @@ def _takes_kwargs(factory) -> bool:
         return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):
         return True
-
-
-def resolve_factory(factory):
-    """The class or function behind a plugin factory (a ``lazy(...)`` target is imported); None
-    when it cannot be imported."""
-    target = getattr(factory, "target", None)
-    if target:
-        module, _, attr = target.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except Exception:  # noqa: BLE001
-            return None
-    return factory
 
 
 def default_metrics(registry) -> list[str]:

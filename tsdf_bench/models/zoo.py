@@ -8,8 +8,8 @@ hash, steps, seed, package versions, sha256 of the weights).  A cached file is r
 its manifest matches the request; an interrupted training resumes from
 ``<name>-seed<seed>.train/``.
 
-``DEMO_RECIPES`` holds the per-model demo schedule; a model class may override it with a
-``demo_recipe`` dict (``steps`` plus :func:`train` keyword arguments).  Each model keeps its own
+Each model plugin declares its demo schedule as a ``demo_recipe`` class attribute (``steps`` plus
+:func:`train` keyword arguments; :data:`DEFAULT_DEMO_RECIPE` for a plugin without one).  Each model keeps its own
 objective (WGAN-GP + classification + reconstruction for StarGAN/AttentionGAN/AttGAN; HiSD's
 adversarial/style/reconstruction losses) and Adam betas.  Departures, all demo-only, chosen by
 measurement to fit about 90 s per model on 2 CPU cores -- a demo, not a reproduction:
@@ -43,37 +43,35 @@ from ..paths import cache_dir
 from . import checkpoints
 from .training import data_fingerprint, prepare_images, train
 
-# name -> training schedule at demo scale (train() keyword arguments plus "steps")
-DEMO_RECIPES = {
-    "stargan": dict(steps=200, batch_size=8, n_critic=1, lr=2e-4, lr_d=2e-4, recon_warmup_steps=150,
-                    recon_lr=1e-3, reg_every=4),
-    "attentiongan": dict(steps=200, batch_size=8, n_critic=1, lr=2e-4, lr_d=2e-4, recon_warmup_steps=100,
-                         recon_lr=1e-3, reg_every=4),
-    "attgan": dict(steps=500, batch_size=8, n_critic=1, lr=2e-4, lr_d=2e-4, recon_warmup_steps=100,
-                   recon_lr=1e-3, reg_every=4),
-    "hisd": dict(steps=80, batch_size=8, lr=1e-4, lr_d=5e-4, betas=(0.9, 0.99), recon_warmup_steps=250,
-                 recon_lr=4e-3, reg_every=4),
-}
+# a model plugin without its own ``demo_recipe`` is trained with this at demo scale
+DEFAULT_DEMO_RECIPE = dict(steps=600, batch_size=8)
 SMOKE_RECIPE = dict(steps=4, batch_size=4, n_critic=2)
 
 
-def recipe_for(name: str, scale: str, steps: int | None = None) -> dict:
-    """The training schedule ``get_model`` uses for ``name`` at ``scale`` (``steps`` overrides)."""
+def recipe_for(name: str, scale: str, steps: int | None = None, registry=None) -> dict:
+    """The training schedule ``get_model`` uses for model plugin ``name`` at ``scale``: the
+    plugin's ``demo_recipe`` (its class attribute) at demo scale, :data:`SMOKE_RECIPE` at smoke
+    scale; ``steps`` overrides."""
     if scale == "paper":
         raise ConfigError("paper-scale models are not trained here; load official weights with "
                           "create('model', name, scale='paper', checkpoint=PATH)")
-    recipe = dict(SMOKE_RECIPE if scale == "smoke" else DEMO_RECIPES.get(name, dict(steps=600, batch_size=8)))
+    own = None
+    if scale == "demo":
+        from ..plugins import get_registry
+        from ..records import resolve_factory
+
+        own = getattr(resolve_factory((registry or get_registry()).get("model", name).factory), "demo_recipe", None)
+    recipe = dict(SMOKE_RECIPE if scale == "smoke" else own or DEFAULT_DEMO_RECIPE)
     if steps is not None:
         recipe["steps"] = int(steps)
     return recipe
 
 
-def recipe_of(model, scale: str, steps: int | None = None, name: str | None = None) -> dict:
-    """:func:`recipe_for` ``name`` (default: the model's), with the plugin's own ``demo_recipe``
-    at demo scale."""
-    recipe = recipe_for(name or model.name, scale)
-    if scale == "demo" and getattr(model, "demo_recipe", None):
-        recipe.update(model.demo_recipe)  # a plugin may ship its own demo schedule
+def recipe_of(model, scale: str, steps: int | None = None) -> dict:
+    """The schedule for an already created ``model``: its ``demo_recipe`` at demo scale."""
+    if scale == "paper":
+        return recipe_for(model.name, scale)
+    recipe = dict(SMOKE_RECIPE if scale == "smoke" else getattr(model, "demo_recipe", None) or DEFAULT_DEMO_RECIPE)
     if steps is not None:
         recipe["steps"] = int(steps)
     return recipe
@@ -117,7 +115,7 @@ def get_model(name: str, scale: str = "demo", registry=None, train_data=None, st
 
     Loads ``cache_dir("models", scale)/<name>-seed<seed>.pt`` when its manifest matches
     (same config, data hash, steps and seed); otherwise trains it on ``train_data`` (default: the
-    embedded training faces) with :data:`DEMO_RECIPES`, resuming an interrupted run, writes the
+    embedded training faces) with the plugin's ``demo_recipe``, resuming an interrupted run, writes the
     checkpoint, manifest and (``grid=True``) an edit grid PNG beside it.  The trained
     discriminator is kept in the checkpoint (``checkpoints.load_discriminator``).  ``device``: where
     to train (default CPU); the model is returned on the CPU either way, and the manifest records
@@ -130,7 +128,7 @@ def get_model(name: str, scale: str = "demo", registry=None, train_data=None, st
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
         torch.manual_seed(seed)
         model = registry.create("model", name, scale=scale)
-    recipe = recipe_of(model, scale, steps, name)
+    recipe = recipe_of(model, scale, steps)
     images, attrs, attr_names = _unpack(train_data if train_data is not None else default_data())
     images = prepare_images(images, model.image_size)
     attrs = select_attributes(torch.as_tensor(attrs), attr_names, model.attributes)

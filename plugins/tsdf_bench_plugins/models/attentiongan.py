@@ -20,6 +20,11 @@ class AttentionGAN(StarGAN):
     """AttentionGAN-v1-multi.  ``AttentionGAN(scale="demo", checkpoint=None, norm_stats="instance")``;
     :meth:`generate_parts` also returns the attention and content maps."""
 
+    # the demo-scale training schedule (tsdf_bench.models.zoo.get_model; train() keyword arguments
+    # plus "steps"); measured in docs/model-card.md
+    demo_recipe = dict(steps=200, batch_size=8, n_critic=1, lr=2e-4, lr_d=2e-4, recon_warmup_steps=100,
+                       recon_lr=1e-3, reg_every=4)
+
     name = "attentiongan"
     official_checkpoint_file = "celeba_256_pretrained/200000-G.ckpt"
     out_channels, tanh = 4, False

@@ -103,6 +103,11 @@ class AttGAN(DeepfakeModel):
     [-1, 1]; ``encode(x)`` -> the deepest encoder map ``[B, C, H/2**L, W/2**L]``.
     """
 
+    # the demo-scale training schedule (tsdf_bench.models.zoo.get_model; train() keyword arguments
+    # plus "steps"); measured in docs/model-card.md
+    demo_recipe = dict(steps=500, batch_size=8, n_critic=1, lr=2e-4, lr_d=2e-4, recon_warmup_steps=100,
+                       recon_lr=1e-3, reg_every=4)
+
     name = "attgan"
     official_checkpoint_file = "weights.199.pth of 256_shortcut1_inject0_none"
     official_discriminator_file = "weights.199.pth (its 'D' entry) of 256_shortcut1_inject0_none"

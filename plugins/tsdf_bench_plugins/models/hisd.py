@@ -144,6 +144,11 @@ class HiSD(DeepfakeModel):
         out = m.generate(x, m.conditions(torch.zeros(4, 7))[0])   # [4, 3, 64, 64]
     """
 
+    # the demo-scale training schedule (tsdf_bench.models.zoo.get_model; train() keyword arguments
+    # plus "steps"); measured in docs/model-card.md
+    demo_recipe = dict(steps=80, batch_size=8, lr=1e-4, lr_d=5e-4, betas=(0.9, 0.99), recon_warmup_steps=250,
+                       recon_lr=4e-3, reg_every=4)
+
     name = "hisd"
     official_checkpoint_keys = ("gen_test", "gen")  # gen_test: the EMA weights the official test uses
     official_checkpoint_file = "gen_00600000.pt of the celeba-hq_256 config"

@@ -59,6 +59,11 @@ class StarGAN(DeepfakeModel):
     any other scale loads a checkpoint of ours (see :mod:`tsdf_bench.models.checkpoints`).
     """
 
+    # the demo-scale training schedule (tsdf_bench.models.zoo.get_model; train() keyword arguments
+    # plus "steps"); measured in docs/model-card.md
+    demo_recipe = dict(steps=200, batch_size=8, n_critic=1, lr=2e-4, lr_d=2e-4, recon_warmup_steps=150,
+                       recon_lr=1e-3, reg_every=4)
+
     name = "stargan"
     official_checkpoint_file = "200000-G.ckpt of the 256 px CelebA model"
     official_discriminator_file = "200000-D.ckpt beside 200000-G.ckpt (a bare state_dict, the official key names)"
