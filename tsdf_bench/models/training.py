@@ -46,6 +46,7 @@ autocast is used only in the attack loops (see :mod:`tsdf_bench.speed`).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,10 @@ class TrainResult:
     discriminator: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
+
+
+class StaleTrainingState(CheckpointError):
+    """A saved training state belongs to a run with other settings (it is never resumed)."""
 
 
 def prepare_images(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -220,9 +225,12 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
     base_lrs = [g["lr"] for g in opt_g.param_groups]
     recon_mult = 1.0 if recon_lr is None else float(recon_lr) / lr_g
 
+    # everything the run's result depends on: a state saved under other settings (another
+    # architecture, learning rate, data ...) is never resumed (StaleTrainingState)
     fingerprint = {"model": getattr(model, "name", type(model).__name__), "scale": getattr(model, "scale", ""),
+                   "config": json.loads(json.dumps(getattr(model, "config", None), default=str)),
                    "data": data_fingerprint(images, attrs), "seed": seed, "batch_size": batch_size,
-                   "n_critic": n_critic, "warmup_d_steps": warmup}
+                   "n_critic": n_critic, "warmup_d_steps": warmup, "lr": lr_g, "lr_d": lr_d, "betas": list(betas)}
     if recon_warmup or lazy_reg:  # keys only when used, so older train states stay resumable
         fingerprint.update(recon_warmup_steps=recon_warmup, recon_lr=recon_lr, reg_every=reg_every if lazy_reg else 1)
     state_path = None
@@ -244,7 +252,7 @@ def train(model, images: torch.Tensor, attrs: torch.Tensor, steps: int, *, discr
         if state_path is not None and resume and state_path.exists():
             state = torch.load(state_path, map_location="cpu", weights_only=True)
             if state.get("fingerprint") != fingerprint:
-                raise CheckpointError(
+                raise StaleTrainingState(
                     f"{state_path} belongs to a different training run ({state.get('fingerprint')} vs {fingerprint}); "
                     "delete that folder, pass another checkpoint_dir, or resume=False to start afresh")
             model.load_state_dict(state["G"])

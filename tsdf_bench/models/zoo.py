@@ -32,7 +32,9 @@ Measured edit strength and sensitivity of the recipes (tables, curves, grids): `
 """
 from __future__ import annotations
 
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..paths import cache_dir
 from . import checkpoints
-from .training import data_fingerprint, prepare_images, train
+from .training import StaleTrainingState, data_fingerprint, prepare_images, train
 
 # a model plugin without its own ``demo_recipe`` is trained with this at demo scale
 DEFAULT_DEMO_RECIPE = dict(steps=600, batch_size=8)
@@ -146,8 +148,19 @@ def get_model(name: str, scale: str = "demo", registry=None, train_data=None, st
     kwargs = {k: v for k, v in recipe.items() if k != "steps"}
     train_device = torch.device(device) if device is not None else torch.device("cpu")
     start = time.time()
-    result = train(model.to(train_device), images, attrs, recipe["steps"], seed=seed, progress=progress,
-                   checkpoint_dir=path.with_suffix(".train"), resume=not retrain, **kwargs)
+    try:
+        result = train(model.to(train_device), images, attrs, recipe["steps"], seed=seed, progress=progress,
+                       checkpoint_dir=path.with_suffix(".train"), resume=not retrain, **kwargs)
+    except StaleTrainingState as exc:
+        # the saved state was made with other settings (an older architecture or recipe): it is
+        # recomputed, never resumed into a model that would claim this manifest
+        warnings.warn(f"{name}: {exc}; training afresh", stacklevel=2)
+        shutil.rmtree(path.with_suffix(".train"), ignore_errors=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = registry.create("model", name, scale=scale)
+        result = train(model.to(train_device), images, attrs, recipe["steps"], seed=seed, progress=progress,
+                       checkpoint_dir=path.with_suffix(".train"), resume=False, **kwargs)
     model.cpu()
     result.discriminator.cpu()
     expect.update(train_seconds=round(time.time() - start, 1), torch_threads=torch.get_num_threads(),
@@ -163,8 +176,6 @@ def get_model(name: str, scale: str = "demo", registry=None, train_data=None, st
                            select_attributes(torch.as_tensor(ga[:6]), gn, model.attributes),
                            path.with_suffix(".grid.png"))
         except Exception as exc:  # noqa: BLE001 - a figure must never lose a trained model
-            import warnings
-
             warnings.warn(f"could not write the edit grid for {name}: {exc}", stacklevel=2)
     model.train_recipe = dict(recipe)
     model.eval()
