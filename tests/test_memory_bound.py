@@ -4,6 +4,8 @@ controls one seed at a time, rows do not depend on either bound, and the log has
 finished phase with its seconds."""
 import re
 
+import torch
+
 from test_runner import CONFIG, fake_registry, make_config, run
 
 from tsdf_bench.harness import run_config
@@ -88,14 +90,27 @@ def test_streamed_forging_and_scoring_give_the_rows_of_whole_tensors(tmp_path, m
     monkeypatch.setattr(MeasureMixin, "clean_cache_bytes", 0)
     streamed = run(tmp_path / "streamed").rows
 
+    from tsdf_bench import speed
+    from tsdf_bench.harness.data import select_attrs, to_size
+    from tsdf_bench.harness.state import _seed
+
+    def whole(self, model, images, attrs, seed_keys):  # the whole-tensor generation the stream replaced
+        x = to_size(images, model.image_size)
+        a = select_attrs(attrs, self.data.attr_names, model.attributes, model.name)
+        _seed(*seed_keys)
+        generate = getattr(model, "generate_targets", None) or model.generate_all
+        with torch.no_grad(), speed.autocast(self.device):
+            return torch.cat([generate(x[s].to(self.device), a[s].to(self.device)).float().cpu()
+                              for s in self._batches(x.shape[0])])
+
     def whole_stream(self, model, images, attrs, seed_keys):
-        yield slice(0, images.shape[0]), self._generate(model, images, attrs, seed_keys)
+        yield slice(0, images.shape[0]), whole(self, model, images, attrs, seed_keys)
 
     def whole_scores(self, fake_prot, reference, x):
         l2 = l2_mask(fake_prot, reference, edit_mask(reference, x, MASK_THRESHOLD))
         return l2, l2 > SUCCESS_THRESHOLD
 
-    monkeypatch.setattr(MeasureMixin, "_forge", lambda self, *a: self._generate(*a))
+    monkeypatch.setattr(MeasureMixin, "_forge", whole)
     monkeypatch.setattr(MeasureMixin, "_forge_stream", whole_stream)
     monkeypatch.setattr(MeasureMixin, "_pair_scores", whole_scores)
     monkeypatch.setattr(MeasureMixin, "clean_cache_bytes", None)

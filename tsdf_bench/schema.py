@@ -25,6 +25,11 @@ class CellKey(NamedTuple):
     def key(self) -> dict:
         return self._asdict()
 
+    @property
+    def label(self) -> str:
+        """``defense/model/adaptation/round k/seed s`` (log lines)."""
+        return f"{self.defense}/{self.model}/{self.adaptation}/round {self.round}/seed {self.seed}"
+
     @classmethod
     def of(cls, row: dict) -> "CellKey":
         """The key of a stored row (a missing seed is 0, as in rows of older runs)."""

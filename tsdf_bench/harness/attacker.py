@@ -118,22 +118,21 @@ class Attacker:
             n = photos.shape[0]
             return Collection(to_size(adaptation.purify(photos), size).float().cpu(), self.data.collect.attrs,
                               list(range(n)), n, [True] * n)
-        prep = self.preparation(size, adaptation)
-        res = prep(adaptation.purify(photos))
+        res = self.preparation(size, adaptation)(adaptation.purify(photos))
         clean = self._clean_prep("collect", size, adaptation)
-        usable = usable_crops(clean, res, photos.shape[0])
-        kept = res.kept.cpu().long()
-        return Collection(res.crops.detach().float().cpu(), self.data.collect.attrs[kept], kept.tolist(),
-                          photos.shape[0], usable)
+        return self._collected(res, photos.shape[0], usable_crops(clean, res, photos.shape[0]))
 
     def clean_collection(self, size: int, adaptation) -> Collection:
         """The same preparation of the clean ``collect`` photos (what the control retrains on)."""
         if _aligned(adaptation):
             return self.collection(self.data.collect.images, size, adaptation)
-        res = self._clean_prep("collect", size, adaptation)
+        return self._collected(self._clean_prep("collect", size, adaptation), self.data.collect.images.shape[0])
+
+    def _collected(self, res, n_photos: int, usable=None) -> Collection:
+        """A :class:`Collection` of the collect photos ``res`` (a prep result) kept."""
         kept = res.kept.cpu().long()
-        return Collection(res.crops.detach().float().cpu(), self.data.collect.attrs[kept], kept.tolist(),
-                          self.data.collect.images.shape[0])
+        return Collection(res.crops.detach().float().cpu(), self.data.collect.attrs[kept], kept.tolist(), n_photos,
+                          usable)
 
     def _clean_prep(self, split: str, size: int, adaptation):
         key = (split, size, *self.prep_key(adaptation))

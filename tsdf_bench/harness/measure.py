@@ -60,9 +60,9 @@ class MeasureMixin:
 
     @torch.no_grad()
     def _forge_stream(self, model, images: torch.Tensor, attrs: torch.Tensor, seed_keys):
-        """The runner's ``_generate`` one batch at a time: yields ``(slice, [b, T, 3, s, s])``.  Same
-        seeding, batches and order, so the outputs are the same tensors; nothing else may draw
-        random numbers between two batches."""
+        """``model.generate_targets`` at the model's input size, seeded once, one batch at a time on
+        the CPU: yields ``(slice, [b, T, 3, s, s])``; nothing else may draw random numbers between
+        two batches."""
         from .data import select_attrs
         from .state import _seed
 
@@ -76,15 +76,15 @@ class MeasureMixin:
             yield sl, out
 
     def _forge(self, model, images: torch.Tensor, attrs: torch.Tensor, seed_keys) -> torch.Tensor:
-        """``[N, T, 3, s, s]`` like the runner's ``_generate``, written into one preallocated tensor
-        (no list of batches plus their concatenation: half the transient memory)."""
+        """Every batch of :meth:`_forge_stream` written into one preallocated ``[N, T, 3, s, s]``
+        tensor (no list of batches plus their concatenation: half the transient memory)."""
         out = None
         for sl, part in self._forge_stream(model, images, attrs, seed_keys):
             if out is None:
                 out = part.new_empty((images.shape[0], *part.shape[1:]))
             out[sl] = part
-        if out is None:  # no images: the runner's shape
-            return self._generate(model, images, attrs, seed_keys)
+        if out is None:
+            raise ValueError(f"no images to forge with model {model.name!r}")
         return out
 
     def _clean_cache_size(self) -> int:
@@ -172,7 +172,7 @@ class MeasureMixin:
         fake_prot = self._forge(model, x_prot, attrs, (cell.seed, "forge", *cell)) if forged else None
         reference = reference if forged else None
         t1 = time.perf_counter()
-        label = f"{cell.defense}/{cell.model}/{cell.adaptation}/round {cell.round}/seed {cell.seed}"
+        label = cell.label
         log = getattr(self, "log", lambda msg: None)
         log_phase(log, "forge", label, t1 - t0)
         names = list(self.cfg.detectors.names)
@@ -226,8 +226,9 @@ class MeasureMixin:
             # the protected forgeries scored batch by batch (never held whole)
             scores, l2_parts = [], []
             for sl, fake in self._forge_stream(model, x_prot, attrs, (cell.seed, f"{role}-forge", *cell)):
-                scores.append(self._pair_success(fake, ref[sl], x_clean[sl]))
-                l2_parts.append(l2_mask(fake, ref[sl], edit_mask(ref[sl], x_clean[sl])))
+                l2_part, hits = self._pair_scores(fake, ref[sl], x_clean[sl])
+                scores.append(hits)
+                l2_parts.append(l2_part)
             del ref
             scored[role] = torch.cat(scores) if scores else torch.zeros(0, 0, dtype=torch.bool)
             out.update(self._rate_columns(f"sr_mask_{role}", scored[role], photos))

@@ -35,12 +35,12 @@ import torch
 from .. import speed
 from ..config import RunConfig
 from .attacker import Attacker, ModelChangedInPlace
-from .data import RunData, load_run_data, select_attrs, to_size
+from .data import RunData, load_run_data
 from .measure import MeasureMixin, log_phase
 from .plan import Cell, create_checked, default_metrics, plan_cells
 from .protection import ProtectionMixin
 from .provenance import device_description, git_state, resolve_device, state_dict_hash, versions
-from .state import ChainState, CellFailure, Protected, RunSummary, _cached, _Failed, _seed, summarize
+from .state import ChainState, CellFailure, Protected, RunSummary, _cached, _Failed, summarize
 from .store import ResultsStore
 
 
@@ -137,7 +137,7 @@ class Runner(ProtectionMixin, MeasureMixin):
         if "checkpoint" in options or cfg.run.scale == "paper" or not cfg.models.train:
             self.log(f"loading model {name} ({cfg.run.scale} scale)")
             model = self.registry.create("model", name, scale=cfg.run.scale, **options)
-            self._model_record[name] = checkpoints.checkpoint_record(options, random_init)
+            self._model_record[name] = _file_record(checkpoints.checkpoint_record(options, random_init))
             d_path = checkpoints.discriminator_path(cfg.models.options_for(name))
             if d_path:  # the retraining attacker starts from the official D (no fresh-D warm-up)
                 self._discriminators[name] = checkpoints.load_official_discriminator(model, d_path)
@@ -157,7 +157,7 @@ class Runner(ProtectionMixin, MeasureMixin):
             if reference is not None:
                 model.set_reference(reference)
             path = model_path(name, cfg.run.scale, options.get("seed", 0))
-            self._model_record[name] = checkpoints.checkpoint_record({"checkpoint": path})
+            self._model_record[name] = _file_record(checkpoints.checkpoint_record({"checkpoint": path}))
             # the attacker trained this model, so it also has its discriminator for retraining
             self._discriminators[name] = checkpoints.load_discriminator(model, path)
             self._model_record[name]["discriminator"] = (checkpoints.discriminator_record("demo")
@@ -170,18 +170,6 @@ class Runner(ProtectionMixin, MeasureMixin):
             return det.to(self.device).eval() if isinstance(det, torch.nn.Module) else det
 
         return _cached(self._detectors, name, load, f"detector {name!r} failed to load")
-
-    @torch.no_grad()
-    def _generate(self, model, images: torch.Tensor, attrs: torch.Tensor, seed_keys) -> torch.Tensor:
-        """``model.generate_targets`` in batches at the model's input size, on CPU: ``[N, T, 3, s, s]``."""
-        x = to_size(images, model.image_size)
-        a = select_attrs(attrs, self.data.attr_names, model.attributes, f"model {model.name!r}")
-        _seed(*seed_keys)
-        generate = getattr(model, "generate_targets", None) or model.generate_all
-        with speed.autocast(self.device):
-            outs = [generate(x[s].to(self.device), a[s].to(self.device)).float().cpu()
-                    for s in self._batches(x.shape[0])]
-        return torch.cat(outs)
 
     @torch.no_grad()
     def _detect(self, name: str, images: torch.Tensor) -> list:
@@ -232,7 +220,7 @@ class Runner(ProtectionMixin, MeasureMixin):
                 state.model, state.hash, state.usable = done.model, done.hash, collection.usable
                 state.retrain_info = done.info
                 state.shared.update(prep_s=t1 - t0, adapt_s=done.seconds)
-                label = f"{cell.defense}/{cell.model}/{cell.adaptation}/round {k}/seed {cell.seed}"
+                label = cell.label
                 log_phase(self.log, "prep", label, t1 - t0)
                 log_phase(self.log, "retrain", f"{label} ({done.info.get('retrain_images', 0)} crops)", done.seconds)
             except Exception as exc:  # noqa: BLE001 - every later round of the chain fails with it
@@ -255,8 +243,7 @@ class Runner(ProtectionMixin, MeasureMixin):
         provenance = {**self.provenance_base(), **self.defense_provenance(cell.defense),
                       **self.adaptation_provenance(cell.adaptation), "seed": cell.seed,
                       "checkpoint_sha256": state.hash, "base_checkpoint_sha256": state.base_hash,
-                      **{"checkpoint_file_sha256" if k == "checkpoint_sha256" else k: v
-                         for k, v in self._model_record.get(cell.model, {}).items()},
+                      **self._model_record.get(cell.model, {}),
                       "perturbation_sha256": prot.perturbation_sha256, **prot.info, **budget, **state.retrain_info}
         if k > 0:
             control = self._control(cell)
@@ -294,8 +281,7 @@ class Runner(ProtectionMixin, MeasureMixin):
         if prot is not None:
             provenance["perturbation_sha256"] = prot.perturbation_sha256
         self.store.write_cell(self.run_id, cell.key(), status="error", error=text, provenance=provenance)
-        self.log(f"cell {cell.defense}/{cell.model}/{cell.adaptation}/round {cell.round}/seed {cell.seed} "
-                 f"failed: {text}")
+        self.log(f"cell {cell.label} failed: {text}")
         if bar is not None:
             bar.update(1)
 
@@ -341,3 +327,9 @@ class Runner(ProtectionMixin, MeasureMixin):
         finally:
             bar.close()
         return summarize(self, cells, todo)
+
+
+def _file_record(record: dict) -> dict:
+    """A checkpoint record as rows carry it: the file's sha256 as ``checkpoint_file_sha256``
+    (``checkpoint_sha256`` is the weights of the model measured in a round)."""
+    return {("checkpoint_file_sha256" if k == "checkpoint_sha256" else k): v for k, v in record.items()}
