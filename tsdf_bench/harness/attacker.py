@@ -30,6 +30,7 @@ import torch
 from ..errors import TsdfBenchError
 from .data import select_attrs, to_size
 from .provenance import derived_seed, state_dict_hash
+from .state import _cached
 
 CROP_IOU_USABLE = 0.5
 
@@ -190,14 +191,24 @@ class Attacker:
     def control(self, name: str, adaptation_name: str, adaptation, seed: int, k: int, base, discriminator=None):
         """The clean-retraining control of round ``k`` (cached: computed once per (model,
         adaptation, seed, round) and shared by every defense).  ``base`` is the round-0 model."""
-        key = (name, adaptation_name, seed, k)
-        if key not in self._controls:
+        def compute():
             previous = base if k == 1 else self.control(name, adaptation_name, adaptation, seed, k - 1, base,
                                                         discriminator).model
             clean = self.clean_collection(base.image_size, adaptation)
-            self._controls[key] = self.retrain(previous, clean, adaptation, seed=seed, k=k,
-                                               discriminator=discriminator if k == 1 else None)
-        return self._controls[key]
+            return self.retrain(previous, clean, adaptation, seed=seed, k=k,
+                                discriminator=discriminator if k == 1 else None)
+
+        # a failure is cached too and re-raised for every defense that needs this control
+        return _cached(self._controls, (name, adaptation_name, seed, k), compute, "the clean-retraining control failed")
+
+    def has_control(self, name: str, adaptation_name: str, seed: int, k: int) -> bool:
+        return (name, adaptation_name, seed, k) in self._controls
+
+    def keep_controls_of_seed(self, seed: int) -> None:
+        """Drop the other seeds' controls (models and discriminators): every defense of a seed
+        shares them, and seeds are the outer loop."""
+        for key in [key for key in self._controls if key[2] != seed]:
+            del self._controls[key]
 
 
 def _aligned(adaptation) -> bool:

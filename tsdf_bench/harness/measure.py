@@ -248,24 +248,17 @@ class MeasureMixin:
         return out
 
     def _control(self, cell: Cell):
-        base = self.model(cell.model)
-        key = (cell.model, cell.adaptation, cell.seed, cell.round)
-        if key not in self._controls:
-            # controls are shared by every defense of a seed, and seeds are the outer loop: drop the
-            # other seeds' (their models and discriminators) before retraining this one
-            for cache in (self._controls, getattr(self.attacker, "_controls", {})):
-                for old in [k for k in cache if k[2] != cell.seed]:
-                    del cache[old]
-            t0 = time.perf_counter()
-            control = _cached(self._controls, key,
-                              lambda: self.attacker.control(cell.model, cell.adaptation,
-                                                            self.adaptations[cell.adaptation], cell.seed, cell.round,
-                                                            base, self._discriminators.get(cell.model)),
-                              "the clean-retraining control failed")
+        """The clean-retraining control of ``cell``'s round (the attacker's, shared by every defense;
+        retrained and logged on first use)."""
+        self.attacker.keep_controls_of_seed(cell.seed)
+        fresh = not self.attacker.has_control(cell.model, cell.adaptation, cell.seed, cell.round)
+        t0 = time.perf_counter()
+        control = self.attacker.control(cell.model, cell.adaptation, self.adaptations[cell.adaptation], cell.seed,
+                                        cell.round, self.model(cell.model), self._discriminators.get(cell.model))
+        if fresh:
             log_phase(getattr(self, "log", lambda msg: None), "control",
                       f"{cell.model}/{cell.adaptation}/round {cell.round}/seed {cell.seed}", time.perf_counter() - t0)
-            return control
-        return _cached(self._controls, key, lambda: None, "the clean-retraining control failed")
+        return control
 
     def _save_sample(self, cell: Cell, prot: Protected, fake_clean, fake_prot):
         """A few images per cell for the figures (first seed only)."""

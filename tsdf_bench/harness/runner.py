@@ -66,7 +66,6 @@ class Runner(ProtectionMixin, MeasureMixin):
         self._detectors: dict[str, object] = {}
         self._clean_fake: dict = {}
         self._clean_dets: dict = {}
-        self._controls: dict = {}
         self.attacker = Attacker(cfg, lambda: self.data, self.detector, self.device, progress)
         self.adaptations = {}
         for n in cfg.adaptations.names:
