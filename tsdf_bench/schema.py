@@ -81,7 +81,9 @@ PROVENANCE = {
     # the model
     "checkpoint_sha256": "weights (state dict) of the model measured in this round",
     "base_checkpoint_sha256": "weights of the round-0 model", "checkpoint_path": "the checkpoint file",
-    "checkpoint_file_sha256": "sha256 of that file", "random_init": "random weights on purpose",
+    "checkpoint_file_sha256": "sha256 of that file",
+    "weights_source": "demo models: shipped (package data), cached (trained here before) or trained (in this run)",
+    "random_init": "random weights on purpose",
     "discriminator": "the discriminator retraining started from",
     # failures
     "traceback": "the error's traceback (error rows)",

@@ -24,7 +24,12 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="ignore cached weights and train afresh")
     parser.add_argument("--output", default=None, help="also copy weights, manifests and grids into this folder")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads while training (default 1, as the shipped weights were trained; "
+                             "the weights depend on it)")
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="write each model as a shipped checkpoint (float32 G, float16 D, manifest) into DIR, "
+                             "e.g. plugins/tsdf_bench_plugins/models/weights (implies not using shipped weights)")
     parser.add_argument("--curve-every", type=int, default=None,
                         help="train in increments of this many steps, measuring a curve point after each "
                              "(tsdf_bench.models.curve; needs --steps)")
@@ -46,8 +51,8 @@ def main(args, registry):
 
     if args.steps is not None and args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or zoo.TRAIN_THREADS
+    use_shipped = not (args.retrain or args.export or args.curve_every)
     names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models is not None \
         else trainable_models(registry)
     if not names:
@@ -64,16 +69,23 @@ def main(args, registry):
                 if not args.steps:
                     raise ConfigError("--curve-every needs --steps (the final number of joint steps)")
                 train_with_curve(n, args.steps, args.curve_every, scale=args.scale, seed=args.seed,
-                                 progress=not args.no_progress)  # then get_model loads the result
-            zoo.get_model(n, scale=args.scale, registry=registry, steps=args.steps, seed=args.seed,
-                          progress=not args.no_progress, retrain=args.retrain)
+                                 progress=not args.no_progress, threads=threads)  # then get_model loads the result
+            model = zoo.get_model(n, scale=args.scale, registry=registry, steps=args.steps, seed=args.seed,
+                                  progress=not args.no_progress, retrain=args.retrain, shipped=use_shipped,
+                                  threads=threads)
+            path = model.weights_file
+            print(f"{n}: {model.weights_source} {path} ({time.time() - start:.1f} s)")
+            if model.weights_source != "shipped":
+                _compare_with_shipped(model, path)
+            if args.export:
+                _export(model, path, args.export, args.seed)
         except (TsdfBenchError, ImportError) as exc:
             failures.append(f"{n}: {exc}")
             print(f"{n}: FAILED: {exc}")
             continue
-        path = zoo.model_path(n, args.scale, args.seed)
         grid = path.with_suffix(".grid.png")
-        print(f"{n}: {path} ({time.time() - start:.1f} s){'; grid ' + str(grid) if grid.exists() else ''}")
+        if grid.exists():
+            print(f"{n}: grid {grid}")
         if args.output:
             out = Path(args.output)
             out.mkdir(parents=True, exist_ok=True)
@@ -83,3 +95,35 @@ def main(args, registry):
     if failures:
         raise TsdfBenchError(f"{len(failures)} model(s) failed: " + "; ".join(failures))
     return 0
+
+
+def _compare_with_shipped(model, path):
+    """Print whether weights trained here equal the package's shipped ones (when it ships them)."""
+    from ..models import checkpoints, shipped
+
+    ship = shipped.shipped_path(model, checkpoints.read_manifest(path).get("seed", 0))
+    if ship is None:
+        return
+    ship_manifest = checkpoints.read_manifest(ship)
+    trained = checkpoints.read_manifest(path)
+    if not shipped.applies(ship_manifest, trained):
+        print(f"{model.name}: the shipped checkpoint {ship.name} has another recipe; not compared")
+        return
+    d = checkpoints.load_discriminator(model, path)
+    print(f"{model.name}: {shipped.reproduction_report(trained, ship_manifest, model, d)}")
+
+
+def _export(model, path, out_dir, seed):
+    """Write the trained ``model`` (from its cache file ``path``) as a shipped checkpoint."""
+    from ..data.embedded import load_embedded
+    from ..models import checkpoints, shipped
+    from ..models.training import prepare_images
+
+    d = checkpoints.load_discriminator(model, path)
+    if d is None:
+        raise TsdfBenchError(f"{path} holds no discriminator; retrain the model before exporting it")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    probe = prepare_images(load_embedded(image_size=128, n_eval=24, seed=seed).eval.images, model.image_size)
+    info = shipped.export(model, d, checkpoints.read_manifest(path), out_dir, probe)
+    print(f"{model.name}: exported {info['weights']} ({Path(out_dir, info['weights']).stat().st_size / 1e6:.2f} MB, "
+          f"float16 D output change {info['d_change']:.1e})")

@@ -211,15 +211,21 @@ def _check_model(cfg, registry, name, batch: _Batch, device):
         model = registry.create("model", name, scale=scale, **options)
         notes.append(f"checkpoint {path.name} loaded strictly, sha256 {info['checkpoint']['sha256'][:12]}")
     elif scale != "paper" and cfg.models.train:
-        from ..models.zoo import model_path
+        from ..models.shipped import shipped_path
+        from ..models.zoo import ZOO_OPTIONS, model_path
 
         seed = int(options.get("seed", 0))
-        plugin_options = {k: v for k, v in options.items() if k not in ("seed", "steps")}
+        plugin_options = {k: v for k, v in options.items() if k not in ZOO_OPTIONS}
         model = registry.create("model", name, scale=scale, **plugin_options)
+        ship = shipped_path(model, seed) if options.get("shipped", True) and "steps" not in options else None
         cached = model_path(name, scale, seed).is_file()
-        notes.append("trained on first use" + (" (a trained copy is cached)" if cached else
-                                               " (not cached: the run trains it first)"))
-        info["needs_training"] = not cached
+        if ship is not None:
+            info["shipped"] = _file_info(ship)
+            notes.append(f"shipped demo weights {ship.name}, sha256 {info['shipped']['sha256'][:12]}")
+        else:
+            notes.append("trained on first use" + (" (a trained copy is cached)" if cached else
+                                                   " (not cached: the run trains it first)"))
+        info["needs_training"] = ship is None and not cached
     else:
         model = registry.create("model", name, scale=scale, **options)
         notes.append("random initial weights (random_init = true)" if random_init else "the plugin's model as created")

@@ -145,7 +145,7 @@ class Runner(ProtectionMixin, MeasureMixin):
             else:
                 self._model_record[name]["discriminator"] = fresh
         else:
-            from ..models.zoo import get_model, model_path
+            from ..models.zoo import get_model
 
             reference = options.pop("reference", None)  # HiSD's reference image: set after training
             gen = self.data.generator_train  # None: the zoo's embedded training persons (never a protected one)
@@ -155,8 +155,10 @@ class Runner(ProtectionMixin, MeasureMixin):
                               progress=self.progress, device=self.device, **options)
             if reference is not None:
                 model.set_reference(reference)
-            path = model_path(name, cfg.run.scale, options.get("seed", 0))
+            path = model.weights_file  # shipped with the package, cached, or just trained
             self._model_record[name] = _file_record(checkpoints.checkpoint_record({"checkpoint": path}))
+            self._model_record[name]["weights_source"] = model.weights_source
+            self.log(f"model {name}: {model.weights_source} weights {path}")
             # the attacker trained this model, so it also has its discriminator for retraining
             self._discriminators[name] = checkpoints.load_discriminator(model, path)
             self._model_record[name]["discriminator"] = (checkpoints.discriminator_record("demo")

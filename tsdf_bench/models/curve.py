@@ -82,11 +82,11 @@ def measure_point(model, discriminator, x: torch.Tensor, a: torch.Tensor) -> dic
 
 
 def train_with_curve(name: str, steps: int, every: int, *, scale: str = "demo", seed: int = 0, n_eval: int = 24,
-                     progress: bool = False, log=print) -> list[dict]:
+                     progress: bool = False, log=print, threads: int | None = 1) -> list[dict]:
     """Train ``name`` to ``steps`` joint steps, measuring a curve point every ``every`` steps."""
     from ..data.embedded import load_embedded
     from .checkpoints import load_discriminator
-    from .zoo import get_model, model_path, select_attributes
+    from .zoo import get_model, select_attributes
 
     path = curve_path(name, scale, seed)
     done = {p["steps"] for p in read_curve(path)}
@@ -94,7 +94,8 @@ def train_with_curve(name: str, steps: int, every: int, *, scale: str = "demo", 
     for k in range(every, steps + every, every):
         k = min(k, steps)
         t0 = time.time()
-        model = get_model(name, scale=scale, steps=k, seed=seed, progress=progress, grid=k == steps)
+        model = get_model(name, scale=scale, steps=k, seed=seed, progress=progress, grid=k == steps,
+                          shipped=False, threads=threads)
         if k in done:
             continue
         train_s = time.time() - t0
@@ -103,7 +104,7 @@ def train_with_curve(name: str, steps: int, every: int, *, scale: str = "demo", 
         x = prepare_images(held.images, model.image_size)
         a = select_attributes(held.attrs, held.attr_names, model.attributes)
         point = {"model": name, "steps": k, "seed": seed, "train_s": round(train_s, 1),
-                 **measure_point(model, load_discriminator(model, model_path(name, scale, seed)), x, a)}
+                 **measure_point(model, load_discriminator(model, model.weights_file), x, a)}
         with path.open("a") as handle:
             handle.write(json.dumps(point) + "\n")
         log(json.dumps(point))

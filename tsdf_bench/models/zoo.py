@@ -43,11 +43,15 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..paths import cache_dir
 from . import checkpoints
+from .shipped import applies, cpu_name, shipped_path, verify
 from .training import StaleTrainingState, data_fingerprint, prepare_images, train
 
 # a model plugin without its own ``demo_recipe`` is trained with this at demo scale
 DEFAULT_DEMO_RECIPE = dict(steps=600, batch_size=8)
 SMOKE_RECIPE = dict(steps=4, batch_size=4, n_critic=2)
+TRAIN_THREADS = 1  # torch threads while training: the weights depend on it (see get_model)
+# ``[models.<name>]`` options that get_model takes itself (the rest go to the plugin)
+ZOO_OPTIONS = ("seed", "steps", "shipped", "threads")
 
 
 def recipe_for(name: str, scale: str, steps: int | None = None, registry=None) -> dict:
@@ -111,22 +115,10 @@ def model_path(name: str, scale: str, seed: int = 0) -> Path:
     return cache_dir("models", scale) / f"{name}-seed{seed}.pt"
 
 
-def get_model(name: str, scale: str = "demo", registry=None, train_data=None, steps: int | None = None,
-              seed: int = 0, progress: bool = True, retrain: bool = False, grid: bool = True, device=None):
-    """A trained ``name`` model at ``scale`` ("demo" or "smoke"), in eval mode.
-
-    Loads ``cache_dir("models", scale)/<name>-seed<seed>.pt`` when its manifest matches
-    (same config, data hash, steps and seed); otherwise trains it on ``train_data`` (default: the
-    embedded training faces) with the plugin's ``demo_recipe``, resuming an interrupted run, writes the
-    checkpoint, manifest and (``grid=True``) an edit grid PNG beside it.  The trained
-    discriminator is kept in the checkpoint (``checkpoints.load_discriminator``).  ``device``: where
-    to train (default CPU); the model is returned on the CPU either way, and the manifest records
-    the device (a checkpoint trained on either is reused on both: the device is not a cache key).
-    """
-    if registry is None:
-        from ..plugins import get_registry
-
-        registry = get_registry()
+def request(name: str, scale: str, registry, train_data=None, steps: int | None = None, seed: int = 0):
+    """What ``get_model`` would train: ``(model, recipe, images, attrs, expect)``, the model freshly
+    initialised from ``seed``, the training tensors prepared for it and ``expect`` the manifest
+    fields a checkpoint must match (config, data hash, steps, seed, recipe)."""
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
         torch.manual_seed(seed)
         model = registry.create("model", name, scale=scale)
@@ -136,18 +128,51 @@ def get_model(name: str, scale: str = "demo", registry=None, train_data=None, st
     attrs = select_attributes(torch.as_tensor(attrs), attr_names, model.attributes)
     expect = {"config": getattr(model, "config", {}), "data_hash": data_fingerprint(images, attrs),
               "steps": recipe["steps"], "seed": seed, "recipe": recipe}
+    return model, recipe, images, attrs, expect
+
+
+def get_model(name: str, scale: str = "demo", registry=None, train_data=None, steps: int | None = None,
+              seed: int = 0, progress: bool = True, retrain: bool = False, grid: bool = True, device=None,
+              shipped: bool = True, threads: int | None = TRAIN_THREADS):
+    """A trained ``name`` model at ``scale`` ("demo" or "smoke"), in eval mode.
+
+    Loads ``cache_dir("models", scale)/<name>-seed<seed>.pt`` when its manifest matches
+    (same config, data hash, steps and seed); otherwise trains it on ``train_data`` (default: the
+    embedded training faces) with the plugin's ``demo_recipe``, resuming an interrupted run, writes the
+    checkpoint, manifest and (``grid=True``) an edit grid PNG beside it.  The trained
+    discriminator is kept in the checkpoint (``checkpoints.load_discriminator``).  ``device``: where
+    to train (default CPU); the model is returned on the CPU either way, and the manifest records
+    the device (a checkpoint trained on either is reused on both: the device is not a cache key).
+
+    Before the cache, a checkpoint the plugin ships (:mod:`tsdf_bench.models.shipped`) is used when
+    the request is the shipped one (embedded training faces, the demo recipe, ``seed``) and
+    ``shipped`` is true; one that fails its sha256 or was made for other data is refused.
+    ``threads``: torch threads while training (default 1: the weights depend on the thread count,
+    and the shipped ones were trained with 1; None keeps torch's setting).  The returned model's
+    ``weights_file`` is the file it was loaded from or saved to, ``weights_source`` one of
+    "shipped", "cached", "trained".
+    """
+    if registry is None:
+        from ..plugins import get_registry
+
+        registry = get_registry()
+    model, recipe, images, attrs, expect = request(name, scale, registry, train_data, steps, seed)
+    ship = shipped_path(model, seed) if scale == "demo" and shipped and train_data is None and not retrain else None
+    if ship is not None and applies(checkpoints.read_manifest(ship), expect):
+        verify(ship, name, expect["data_hash"])
+        return _loaded(model, ship, recipe, "shipped")
     path = model_path(name, scale, seed)
     if path.is_file() and not retrain:
         manifest = checkpoints.read_manifest(path)
         if all(manifest.get(k) == _jsonish(v) for k, v in expect.items()) and \
                 manifest.get("sha256") == checkpoints.sha256_file(path):
-            checkpoints.load_model_checkpoint(model, path)
-            model.train_recipe = dict(recipe)  # what an attacker fine-tuning it starts from
-            model.eval()
-            return model
+            return _loaded(model, path, recipe, "cached")
     kwargs = {k: v for k, v in recipe.items() if k != "steps"}
     train_device = torch.device(device) if device is not None else torch.device("cpu")
     start = time.time()
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
     try:
         result = train(model.to(train_device), images, attrs, recipe["steps"], seed=seed, progress=progress,
                        checkpoint_dir=path.with_suffix(".train"), resume=not retrain, **kwargs)
@@ -161,9 +186,12 @@ def get_model(name: str, scale: str = "demo", registry=None, train_data=None, st
             model = registry.create("model", name, scale=scale)
         result = train(model.to(train_device), images, attrs, recipe["steps"], seed=seed, progress=progress,
                        checkpoint_dir=path.with_suffix(".train"), resume=False, **kwargs)
+    finally:
+        used_threads = torch.get_num_threads()
+        torch.set_num_threads(previous_threads)
     model.cpu()
     result.discriminator.cpu()
-    expect.update(train_seconds=round(time.time() - start, 1), torch_threads=torch.get_num_threads(),
+    expect.update(train_seconds=round(time.time() - start, 1), torch_threads=used_threads, cpu=cpu_name(),
                   train_device=str(train_device),
                   final_losses={k: v for k, v in result.history[-1].items() if k not in ("step", "part")}
                   if result.history else {})
@@ -177,7 +205,16 @@ def get_model(name: str, scale: str = "demo", registry=None, train_data=None, st
                            path.with_suffix(".grid.png"))
         except Exception as exc:  # noqa: BLE001 - a figure must never lose a trained model
             warnings.warn(f"could not write the edit grid for {name}: {exc}", stacklevel=2)
+    return _loaded(model, path, recipe, "trained", load=False)
+
+
+def _loaded(model, path: Path, recipe: dict, source: str, load: bool = True):
+    """``model`` with the weights of ``path`` (unless ``load`` is false), in eval mode, carrying the
+    recipe an attacker fine-tuning it starts from and where its weights came from."""
+    if load:
+        checkpoints.load_model_checkpoint(model, path)
     model.train_recipe = dict(recipe)
+    model.weights_file, model.weights_source = path, source
     model.eval()
     return model
 

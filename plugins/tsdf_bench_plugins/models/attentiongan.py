@@ -11,9 +11,13 @@ Official checkpoint: ``celeba_256_pretrained/200000-G.ckpt`` (plain state_dict),
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .stargan import StarGAN
+
+WEIGHTS = Path(__file__).with_name("weights")  # the shipped demo checkpoints (package data)
 
 
 class AttentionGAN(StarGAN):
@@ -22,6 +26,7 @@ class AttentionGAN(StarGAN):
 
     # the demo-scale training schedule (tsdf_bench.models.zoo.get_model; train() keyword arguments
     # plus "steps"); measured in docs/model-card.md
+    demo_weights_dir = WEIGHTS  # shipped demo checkpoints (tsdf_bench.models.shipped)
     demo_recipe = dict(steps=200, batch_size=8, n_critic=1, lr=2e-4, lr_d=2e-4, recon_warmup_steps=100,
                        recon_lr=1e-3, reg_every=4)
 

@@ -30,6 +30,8 @@ batch's attributes shuffled; Adam 2e-4, betas (0.5, 0.999), 5 D steps per G step
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,6 +58,8 @@ CONFIGS = {
                   dec_norm="batchnorm"),
 }
 NORMS = ("batchnorm", "instancenorm")  # the official code's enc_norm / dec_norm choices used here
+
+WEIGHTS = Path(__file__).with_name("weights")  # the shipped demo checkpoints (package data)
 
 
 def set_generator_norm(G, part: str, norm: str) -> None:
@@ -105,6 +109,7 @@ class AttGAN(DeepfakeModel):
 
     # the demo-scale training schedule (tsdf_bench.models.zoo.get_model; train() keyword arguments
     # plus "steps"); measured in docs/model-card.md
+    demo_weights_dir = WEIGHTS  # shipped demo checkpoints (tsdf_bench.models.shipped)
     demo_recipe = dict(steps=500, batch_size=8, n_critic=1, lr=2e-4, lr_d=2e-4, recon_warmup_steps=100,
                        recon_lr=1e-3, reg_every=4)
 

@@ -23,6 +23,8 @@ lambda_gp 10; Adam 1e-4, betas (0.5, 0.999), n_critic 5.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from tsdf_bench.errors import ConfigError
@@ -40,6 +42,8 @@ CONFIGS = {
     "demo": dict(image_size=64, conv_dim=16, repeat_num=3, d_conv_dim=16, d_repeat_num=5, upsample="nearest"),
     "smoke": dict(image_size=32, conv_dim=8, repeat_num=1, d_conv_dim=8, d_repeat_num=4, upsample="transpose"),
 }
+
+WEIGHTS = Path(__file__).with_name("weights")  # the shipped demo checkpoints (package data)
 
 
 def scale_config(configs, scale):
@@ -61,6 +65,7 @@ class StarGAN(DeepfakeModel):
 
     # the demo-scale training schedule (tsdf_bench.models.zoo.get_model; train() keyword arguments
     # plus "steps"); measured in docs/model-card.md
+    demo_weights_dir = WEIGHTS  # shipped demo checkpoints (tsdf_bench.models.shipped)
     demo_recipe = dict(steps=200, batch_size=8, n_critic=1, lr=2e-4, lr_d=2e-4, recon_warmup_steps=150,
                        recon_lr=1e-3, reg_every=4)
 
