@@ -64,12 +64,13 @@ def main(args, registry):
         start = time.time()
         try:
             if args.curve_every:
-                from ..models.curve import train_with_curve
+                from ..models.curve import curve_table, train_with_curve
 
                 if not args.steps:
                     raise ConfigError("--curve-every needs --steps (the final number of joint steps)")
-                train_with_curve(n, args.steps, args.curve_every, scale=args.scale, seed=args.seed,
-                                 progress=not args.no_progress, threads=threads)  # then get_model loads the result
+                points = train_with_curve(n, args.steps, args.curve_every, scale=args.scale, seed=args.seed,
+                                          progress=not args.no_progress, threads=threads)
+                print(curve_table(points))  # then get_model loads the result
             model = zoo.get_model(n, scale=args.scale, registry=registry, steps=args.steps, seed=args.seed,
                                   progress=not args.no_progress, retrain=args.retrain, shipped=use_shipped,
                                   threads=threads)

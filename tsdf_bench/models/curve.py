@@ -109,3 +109,18 @@ def train_with_curve(name: str, steps: int, every: int, *, scale: str = "demo", 
             handle.write(json.dumps(point) + "\n")
         log(json.dumps(point))
     return read_curve(path)
+
+
+def curve_table(points: list[dict]) -> str:
+    """A curve as the model card's Markdown table (one row per point)."""
+    from tabulate import tabulate
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    rows = [[p["steps"], num(p.get("recon_loss"), ".2f"), num(p.get("change"), ".3f"),
+             f"{num(p.get('d_acc_edited'), '.2f')} / {num(p.get('d_acc_unedited'), '.2f')}",
+             f"{p['pgd_sr_mask']:.2f} ({p['pgd_hits']}/{p['pgd_pairs']})", f"{p['pgd_l2_mask']:.3f}", p.get("train_s")]
+            for p in sorted(points, key=lambda p: p["steps"])]
+    return tabulate(rows, headers=["joint steps", "recon loss", "mean change", "D acc edited / unedited",
+                                   "PGD SR_mask@0 (hits/pairs)", "PGD L2_mask", "train s"], tablefmt="github")
