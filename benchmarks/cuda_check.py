@@ -108,7 +108,6 @@ def attack_step(registry, device, quick: bool) -> dict:
 
 
 def _attack_step_of(model, faces, batch: int, repeat: int, device) -> dict:
-    from tsdf_bench import speed
     from tsdf_bench.defenses.attack_utils import model_outputs
     from tsdf_bench.harness.data import select_attrs
 
@@ -125,7 +124,8 @@ def _attack_step_of(model, faces, batch: int, repeat: int, device) -> dict:
 
         def step():
             adv = inp.clone().requires_grad_(True)
-            with speed.optimizations(batched), torch.autocast(device.type, dtype=torch.bfloat16,
+            model.optimize = batched
+            with torch.autocast(device.type, dtype=torch.bfloat16,
                                                                enabled=bf16 and device.type == "cuda"):
                 loss = F.mse_loss(model_outputs(model, adv, attrs).float(), clean)
             (grad,) = torch.autograd.grad(loss, adv)

@@ -3,7 +3,7 @@ demo StarGAN (random weights: throughput does not depend on them), with tiny sch
 
 ``extra_info`` holds ``images_per_s`` (protection) and ``fit_s`` (the fit, timed once).  PGD,
 the per-image defense with a straightforward counterpart, also times the one-image-at-a-time
-loop (``speed.optimizations(False)``) and records the ratio.
+loop (``defense.optimize = False``) and records the ratio.
 """
 import time
 
@@ -38,19 +38,19 @@ def test_protect_throughput(benchmark, registry, faces, device, white_box, name)
     attrs = {model.name: select_attrs(faces.attrs, faces.attr_names, model.attributes, model.name).to(device)}
     defense = registry.create("defense", name, eps=0.05, seed=0, device=str(device), **SCHEDULES[name])
     t0 = time.perf_counter()
-    with speed.autocast(device):
+    with speed.autocast(device, True):
         defense.fit(x[:4], {k: v[:4] for k, v in attrs.items()}, [model], [detector])
     sync(device)
     fit_s = time.perf_counter() - t0
 
-    def protect():
-        with speed.autocast(device):
+    def protect(optimize: bool = True):
+        defense.optimize = model.optimize = optimize
+        with speed.autocast(device, optimize):
             return defense.protect(x, attrs)
 
     if name == "pgd":
         def straightforward():
-            with speed.optimizations(False):
-                protect()
+            protect(optimize=False)
 
         compare(benchmark, protect, straightforward, device)
     else:

@@ -2,7 +2,7 @@
 at demo scale (64 px, batch 4) and paper scale (256 px, batch 1, random weights; ``paper_scale``).
 
 The straightforward counterpart is the per-target loop (one generator call per target,
-``speed.optimizations(False)``, fp32, default memory format); the optimised path is the plugin's
+``model.optimize = False``, fp32, default memory format); the optimised path is the plugin's
 batched ``generate_all`` (on CUDA also bf16 autocast and channels_last).  ``extra_info`` also
 has the step's FLOPs, the achieved TFLOP/s and, on a GPU with a known bf16 peak, the fraction of
 that peak.
@@ -24,14 +24,16 @@ from tsdf_bench.harness.data import select_attrs
 MODELS = ["stargan", "attentiongan", "attgan", "hisd"]
 
 
-def attack_step_fn(model, x, attrs, device):
-    """One PGD-style step: d MSE(G(x+d), G(x)) / d(x+d) over every target."""
+def attack_step_fn(model, x, attrs, device, optimize: bool = True):
+    """One PGD-style step: d MSE(G(x+d), G(x)) / d(x+d) over every target (``optimize``: batched
+    targets and, on CUDA, bf16 autocast; off: the per-target loop in fp32)."""
     with torch.no_grad():
         clean = model_outputs(model, x, attrs)
     adv0 = (x + 0.01 * torch.sign(torch.randn_like(x))).clamp(-1, 1)
 
     def step():
-        with speed.autocast(device):
+        model.optimize = optimize
+        with speed.autocast(device, optimize):
             adv = adv0.clone().requires_grad_(True)
             loss = F.mse_loss(model_outputs(model, adv, attrs).float(), clean.float())
             (grad,) = torch.autograd.grad(loss, adv)
@@ -44,14 +46,11 @@ def _bench(benchmark, registry, faces, device, name, scale, batch):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss_before = peak_memory(None, device)
-    model = speed.channels_last(registry.create("model", name, scale=scale).to(device).eval())
+    model = speed.channels_last(registry.create("model", name, scale=scale).to(device).eval(), True)
     x = model.to_input_size(faces.images[:batch]).to(device)
     attrs = select_attrs(faces.attrs[:batch], faces.attr_names, model.attributes, name).to(device)
     step = attack_step_fn(model, x, attrs, device)
-
-    def straightforward():
-        with speed.optimizations(False):
-            step()
+    straightforward = attack_step_fn(model, x, attrs, device, optimize=False)
 
     paper = scale == "paper"  # ~15 s a step on one CPU thread: one round each, no warm-up
     compare(benchmark, step, straightforward, device, repeat=1 if paper else 2, warmup=not paper,

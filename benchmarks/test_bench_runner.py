@@ -1,9 +1,8 @@
 """Shared clean outputs vs recomputing them: the clean forgeries (demo StarGAN, 8 eval photos) and
 clean detections (MTCNN) that a grid of cells needs, computed once and shared (optimised) or
-once per cell (straightforward, ``speed.optimizations(False)``)."""
+once per cell (straightforward, ``runner.optimize = False``)."""
 
 from measure import compare
-from tsdf_bench import speed
 from tsdf_bench.config import from_dict
 from tsdf_bench.harness.data import RunData, Split
 from tsdf_bench.harness.runner import Runner
@@ -29,9 +28,12 @@ def test_shared_clean_outputs(benchmark, registry, faces, tmp_path):
             runner.clean_reference("stargan", "retrain")
             runner.clean_detections("mtcnn")
 
-    def straightforward():
-        with speed.optimizations(False):
-            grid()
+    def optimised():
+        runner.optimize = True
+        grid()
 
-    with speed.optimizations(True):
-        compare(benchmark, grid, straightforward, cells=CELLS, images=int(faces.images.shape[0]))
+    def straightforward():
+        runner.optimize = False
+        grid()
+
+    compare(benchmark, optimised, straightforward, cells=CELLS, images=int(faces.images.shape[0]))

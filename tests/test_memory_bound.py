@@ -99,7 +99,7 @@ def test_streamed_forging_and_scoring_give_the_rows_of_whole_tensors(tmp_path, m
         a = select_attrs(attrs, self.data.attr_names, model.attributes, model.name)
         _seed(*seed_keys)
         generate = getattr(model, "generate_targets", None) or model.generate_all
-        with torch.no_grad(), speed.autocast(self.device):
+        with torch.no_grad(), speed.autocast(self.device, self.optimize):
             return torch.cat([generate(x[s].to(self.device), a[s].to(self.device)).float().cpu()
                               for s in self._batches(x.shape[0])])
 

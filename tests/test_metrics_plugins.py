@@ -6,7 +6,7 @@ from tsdf_bench.detectors.base import Detections
 from tsdf_bench.metrics import EvalBatch, Metric
 from tsdf_bench.plugins import Registry
 
-NAMES = ("forgery", "invisibility", "detection", "crop_yield")
+NAMES = ("forgery", "invisibility", "detection", "crop_yield", "retrained_clean_mse")
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,7 @@ def _batch(round_k=False):
         detections_protected={"mtcnn": [_det(face, [0.95]), _det([], [])],
                               "retinaface": [_det(face, [0.92]), _det(face, [0.91])]},
         crop_kept=[True, False] if round_k else None,
+        fake_clean_original=(fake_clean + 0.1).clamp(-1, 1) if round_k else None,  # the original model's
     )
 
 
@@ -58,6 +59,21 @@ def test_forgery_without_forgeries_gives_none(registry):
     batch = _batch()
     batch.fake_clean = batch.fake_protected = None
     assert set(registry.create("metric", "forgery").compute(batch).values()) == {None}
+
+
+def test_retrained_clean_mse_is_the_drift_of_the_clean_forgeries(registry):
+    metric = registry.create("metric", "retrained_clean_mse")
+    assert metric.columns == ("retrained_clean_mse",)
+    batch = _batch(round_k=True)
+    batch.fake_clean_original = batch.fake_clean.clone()
+    batch.fake_clean_original[1] += 0.5  # half of the images moved by 0.5 everywhere
+    assert metric.compute(batch)["retrained_clean_mse"] == pytest.approx(0.25 / 2)
+    batch.fake_clean_original = batch.fake_clean.clone()
+    assert metric.compute(batch)["retrained_clean_mse"] == 0.0  # retraining left the forgeries alone
+    assert metric.compute(_batch())["retrained_clean_mse"] is None  # round 0: nothing was retrained
+    batch.fake_clean_original = batch.fake_clean[:, :2]
+    with pytest.raises(Exception, match="shapes differ"):
+        metric.compute(batch)
 
 
 def test_invisibility_linf(registry):

@@ -96,7 +96,8 @@ def test_run_produces_expected_rows(tmp_path):
         else:
             assert 0 <= r["fake_crop_yield"] <= 1 and r["retrain_images"] == 6 and not r["model_unchanged"]
             assert r["checkpoint_sha256"] != r["base_checkpoint_sha256"]
-            assert r["adaptation_info"] == {"images": 6, "g_steps": 3} and "retrained_clean_mse" in r
+            assert r["adaptation_info"] == {"images": 6, "g_steps": 3}
+        assert "retrained_clean_mse" not in r  # a metric plugin now: only where [metrics] names it
     # retraining changes the forgeries; each round builds on the previous one
     r0, r1, r2 = (by_key[("fake-shift", "fake-gan", "fake-retrain", k, 0)] for k in range(3))
     assert len({r0["fake_l2"], r1["fake_l2"], r2["fake_l2"]}) == 3
@@ -110,6 +111,45 @@ def test_run_produces_expected_rows(tmp_path):
     assert (run_dir / "config.toml").is_file() and (run_dir / "results.csv").is_file()
     assert (run_dir / "perturbations" / "fake-shift-seed0.pt").is_file()
     assert (run_dir / "cache").is_dir()  # kept: some cells failed, a resume may retry them
+
+
+def test_retrained_clean_mse_is_a_metric_fed_the_original_models_clean_forgeries(tmp_path, monkeypatch):
+    """The harness gives metrics the original model's clean forgeries in retraining rounds; the
+    retrained_clean_mse plugin turns them into the column (None in round 0), its column reaches
+    the tables, and the attacker's choice does not depend on whether the metric is configured."""
+    from tsdf_bench.leaderboard import shown_columns
+    from tsdf_bench_plugins.metrics.drift import RetrainedCleanMseMetric
+
+    seen = []
+    compute = RetrainedCleanMseMetric.compute
+
+    def spy(self, batch):
+        out = compute(self, batch)
+        seen.append((batch.fake_clean, batch.fake_clean_original, out["retrained_clean_mse"]))
+        return out
+
+    monkeypatch.setattr(RetrainedCleanMseMetric, "compute", spy)
+    registry = Registry(plugins_dirs=[FAKES])  # the built-in metrics and the fakes
+    text = CONFIG.replace('names = ["fake-shift", "fake-perimage", "fake-broken"]', 'names = ["fake-shift"]')
+    with_metric = run_config(make_config(tmp_path / "with", text.replace(
+        'names = ["fake-metric"]', 'names = ["fake-metric", "retrained_clean_mse"]')), registry,
+        output=tmp_path / "with" / "runs", progress=False, log=lambda m: None, figures=False).rows
+    assert with_metric and all(r["status"] == "ok" for r in with_metric)
+    for r in with_metric:
+        assert (r["retrained_clean_mse"] is None) == (r["round"] == 0)
+        assert r["round"] == 0 or r["retrained_clean_mse"] > 0  # retraining moved the model
+    rounds_k = [s for s in seen if s[1] is not None]
+    assert len(rounds_k) == sum(r["round"] > 0 for r in with_metric) and len(seen) == len(with_metric)
+    for fake_clean, original, value in rounds_k:
+        assert original.shape == fake_clean.shape
+        assert value == float(((fake_clean - original) ** 2).mean())
+    assert "retrained_clean_mse" in shown_columns(with_metric, registry=registry)
+    without = run_config(make_config(tmp_path / "without", text), registry, output=tmp_path / "without" / "runs",
+                         progress=False, log=lambda m: None, figures=False).rows
+    key = lambda r: (r["model"], r["adaptation"], r["round"], r["seed"])  # noqa: E731
+    keeps = {key(r): (r.get("attacker_keeps"), r.get("sr_mask_worst")) for r in without}
+    assert all("retrained_clean_mse" not in r for r in without)
+    assert keeps == {key(r): (r.get("attacker_keeps"), r.get("sr_mask_worst")) for r in with_metric}
 
 
 def test_runs_are_deterministic(tmp_path):

@@ -80,39 +80,69 @@ def counters(reg):
                                             ("1", True), ("", True), ("yes", True)])
 def test_env_variable(monkeypatch, value, expected):
     monkeypatch.setenv(speed.ENV, value)
-    assert speed.optimizations_enabled() is expected
+    assert speed.env_enabled() is expected
+    assert speed.resolve(True) is expected  # the variable turns a run off whatever its config says
+    assert speed.resolve(False) is False  # and a config (or --no-optimize) turns it off whatever the variable
 
 
-def test_context_manager_nests_restores_and_env_wins(monkeypatch):
-    assert speed.optimizations_enabled()
-    with speed.optimizations(False):
-        assert not speed.optimizations_enabled()
-        with speed.optimizations(True):
-            assert speed.optimizations_enabled()
-        assert not speed.optimizations_enabled()
-    assert speed.optimizations_enabled()
-    with pytest.raises(RuntimeError):
-        with speed.optimizations(False):
-            raise RuntimeError("boom")
-    assert speed.optimizations_enabled()  # restored after an exception
+def test_the_switch_is_a_value_not_a_process_wide_state():
+    """No global stack: speed.py keeps no mutable module state and offers no setter."""
+    assert not hasattr(speed, "optimizations") and not hasattr(speed, "optimizations_enabled")
+    assert not [name for name, value in vars(speed).items() if isinstance(value, (list, dict, set))
+                and not name.startswith("__")]
+
+
+def test_model_and_defense_attribute_defaults_to_the_environment_and_is_per_instance(monkeypatch):
+    reg = registry()
+    a, b = reg.create("model", "fake-batched-gan"), reg.create("model", "fake-batched-gan")
+    pgd = reg.create("defense", "fake-pgd", eps=0.05, seed=1)
+    assert a.optimize is True and pgd.optimize is True
     monkeypatch.setenv(speed.ENV, "0")
-    with speed.optimizations(True) as on:
-        assert on is False and not speed.optimizations_enabled()
+    assert a.optimize is False and pgd.optimize is False  # unset: the environment, read when used
+    a.optimize = True  # the harness sets the run's resolved value, which already honours the variable
+    assert a.optimize is True and b.optimize is False
+    monkeypatch.delenv(speed.ENV)
+    b.optimize = False
+    assert a.optimize is True and b.optimize is False
 
 
-def test_autocast_and_channels_last_are_cpu_no_ops():
+def test_autocast_and_channels_last_follow_their_argument():
     conv = torch.nn.Conv2d(3, 4, 3)
-    with speed.autocast("cpu"):
-        y = conv(torch.randn(1, 3, 8, 8))
-    assert y.dtype == torch.float32
-    assert speed.channels_last(conv) is conv and conv.weight.is_contiguous()
+    for enabled in (True, False):
+        with speed.autocast("cpu", enabled):  # CPU stays fp32 either way
+            assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.float32
+        assert speed.channels_last(conv, enabled) is conv and conv.weight.is_contiguous()
     if torch.cuda.is_available():  # on a GPU machine: bf16 and NHWC when on, neither when off
         conv = conv.cuda()
-        with speed.autocast("cuda"):
-            assert conv(torch.randn(1, 3, 8, 8, device="cuda")).dtype == torch.bfloat16
-        assert speed.channels_last(conv).weight.is_contiguous(memory_format=torch.channels_last)
-        with speed.optimizations(False), speed.autocast("cuda"):
+        with speed.autocast("cuda", False):
             assert conv(torch.randn(1, 3, 8, 8, device="cuda")).dtype == torch.float32
+        assert speed.channels_last(conv, False).weight.is_contiguous()
+        with speed.autocast("cuda", True):
+            assert conv(torch.randn(1, 3, 8, 8, device="cuda")).dtype == torch.bfloat16
+        assert speed.channels_last(conv, True).weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_two_runners_in_one_process_keep_their_own_switch(tmp_path, monkeypatch):
+    """Each runner resolves its config once and hands the value to its models: two runs in one
+    process (or one driver and its Ray workers) never see each other's switch."""
+    from tsdf_bench.harness.runner import Runner
+    from tsdf_bench.harness.store import ResultsStore
+
+    reg = registry()
+    model_calls, _ = counters(reg)
+    path = tmp_path / "speed.toml"
+    path.write_text(CONFIG)
+    runners = {flag: Runner(load_config(path).replace(run__optimize=flag), reg,
+                            ResultsStore(tmp_path / f"{flag}.sqlite"), str(flag), tmp_path / str(flag), progress=False)
+               for flag in (True, False)}
+    monkeypatch.setenv(speed.ENV, "0")  # decided once: a later change of the variable changes nothing
+    assert runners[True].optimize is True and runners[False].optimize is False
+    models = {flag: r.model("fake-batched-gan") for flag, r in runners.items()}
+    assert models[True].optimize is True and models[False].optimize is False
+    x, attrs = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    for flag in (False, True, False):
+        models[flag].generate_targets(x, attrs)
+    assert model_calls["batched"] == 1 and model_calls["generate"] == 2 * 3
 
 
 def test_optimize_is_a_config_key_outside_the_hash(tmp_path):
@@ -136,8 +166,8 @@ def test_generate_targets_batches_when_on_and_loops_when_off():
     attrs = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     on = model.generate_targets(x, attrs)
     assert model_calls["batched"] == 1 and model_calls["generate"] == 0
-    with speed.optimizations(False):
-        off = model.generate_targets(x, attrs)
+    model.optimize = False
+    off = model.generate_targets(x, attrs)
     assert model_calls["batched"] == 1 and model_calls["generate"] == 3  # one call per target
     assert on.shape == off.shape == (4, 3, 3, 16, 16)
     torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-6)
@@ -151,11 +181,11 @@ def test_pgd_attacks_the_batch_when_on_and_each_image_when_off():
     attrs = {model.name: torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])}
     results = {}
     for flag in (True, False):
-        with speed.optimizations(flag):
-            d = reg.create("defense", "fake-pgd", eps=0.05, seed=1, iterations=4).fit(x, attrs, [model], [])
-            model_calls["single_image"] = 0
-            results[flag] = d.protect(x, attrs)
-            results[flag, "single"] = model_calls["single_image"]
+        d = reg.create("defense", "fake-pgd", eps=0.05, seed=1, iterations=4).fit(x, attrs, [model], [])
+        d.optimize = model.optimize = flag  # as the harness sets them from the run's switch
+        model_calls["single_image"] = 0
+        results[flag] = d.protect(x, attrs)
+        results[flag, "single"] = model_calls["single_image"]
     assert results[True, "single"] == 0
     assert results[False, "single"] == 3 * (1 + 4) * 3  # per image: (clean + 4 steps) x 3 targets (looped)
     diff = (results[True] - results[False]).abs()

@@ -53,8 +53,10 @@ class EvalBatch:
     """Everything one evaluation of (defense, model, adaptation, round) needs.
 
     ``clean`` / ``protected``: ``[N, 3, H, W]`` model-size inputs in [-1, 1] (``protected`` after
-    any purification).  ``fake_clean``: ``[N, T, 3, H, W]`` G(x) per target of the reference
-    (round 0) model; ``fake_protected``: G'(x+W) of the possibly retrained model.  Detections are
+    any purification).  ``fake_clean``: ``[N, T, 3, H, W]`` G(x) per target of the model measured
+    (round 0: the original model; a retraining round: the retrained model's own clean forgery);
+    ``fake_protected``: G'(x+W) of the possibly retrained model; ``fake_clean_original``: the
+    original model's G(x) of the same inputs in a retraining round (None in round 0).  Detections are
     per detector name, one :class:`Detections` per full-size image.  ``crop_kept``: per protected
     image, whether the attacker's pipeline got a usable crop (IoU with the clean crop >= 0.5);
     ``None`` in round 0.
@@ -64,6 +66,7 @@ class EvalBatch:
     protected: Tensor
     fake_clean: Tensor | None = None
     fake_protected: Tensor | None = None
+    fake_clean_original: Tensor | None = None
     detections_clean: dict[str, list[Detections]] = field(default_factory=dict)
     detections_protected: dict[str, list[Detections]] = field(default_factory=dict)
     crop_kept: list[bool] | None = None
@@ -155,6 +158,14 @@ def mse_unmasked(fake_protected: Tensor, fake_clean: Tensor) -> Tensor:
     fp, fc = _pairs(fake_protected, "fake_protected"), _pairs(fake_clean, "fake_clean")
     _same_shape(fp, fc, "mse_unmasked")
     return ((fp - fc) ** 2).flatten(2).mean(-1).double()
+
+
+def clean_drift(fake_retrained: Tensor, fake_original: Tensor) -> float | None:
+    """How far retraining moved a model: the mean squared difference, on [-1, 1], between its clean
+    forgeries and the original model's of the same inputs (``retrained_clean_mse``); None when
+    there are none."""
+    _same_shape(fake_retrained, fake_original, "clean_drift")
+    return float(((fake_retrained - fake_original) ** 2).mean()) if fake_original.numel() else None
 
 
 def sr_ruiz(mse_values: Tensor, threshold: float = SUCCESS_THRESHOLD) -> float | None:

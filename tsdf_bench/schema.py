@@ -45,8 +45,7 @@ KEY_COLUMNS = (*CELL_KEYS, *STATUS_KEYS)
 HARNESS_RATES = ("sr_mask", "sr_mask_orig", "sr_mask_ctrl", "sr_mask_worst")
 RATE_SUFFIXES = ("_lo", "_hi", "_n", "_hits", "_photos")
 #: Other harness columns of retraining rounds.
-HARNESS_COLUMNS = ("l2_mask_orig", "l2_mask_ctrl", "adaptation_gain", "attacker_keeps", "retrained_clean_mse",
-                   "eval_kept", "eval_dropped")
+HARNESS_COLUMNS = ("l2_mask_orig", "l2_mask_ctrl", "adaptation_gain", "attacker_keeps", "eval_kept", "eval_dropped")
 
 PROVENANCE = {
     # the run

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError
+from ..speed import Switch
 
 
 class Defense:
@@ -28,6 +29,10 @@ class Defense:
 
     name: str = ""
     universal: bool = False
+    #: The speed switch (:mod:`tsdf_bench.speed`): the harness sets it to the run's resolved
+    #: ``optimize`` when it creates the defense; unset, ``TSDF_BENCH_OPTIMIZE`` decides.  A defense
+    #: may take a faster path when it is on (PGD attacks a whole batch at once).
+    optimize = Switch()
 
     def __init__(self, eps: float = 0.05, seed: int = 0, device: str | torch.device = "cpu"):
         if not 0 <= eps <= 2:

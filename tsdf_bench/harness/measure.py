@@ -8,7 +8,7 @@ import time
 import torch
 
 from .. import speed
-from ..metrics import MASK_THRESHOLD, SUCCESS_THRESHOLD, edit_mask, l2_mask
+from ..metrics import MASK_THRESHOLD, SUCCESS_THRESHOLD, clean_drift, edit_mask, l2_mask
 from ..stats import photo_counts, rate
 from .attacker import _purify_key
 from .data import to_size
@@ -45,7 +45,7 @@ class MeasureMixin:
         (``compare_to = "clean"``: without it, as the Proactive Defense Benchmark compares)."""
         adaptation = self.adaptations[adaptation_name]
         key = (model_name, _purify_key(adaptation, adaptation_name))
-        if not speed.optimizations_enabled():
+        if not self.optimize:
             self._clean_fake.pop(key, None)
         if key not in self._clean_fake:
             self._bound_clean_cache(model_name)
@@ -71,7 +71,7 @@ class MeasureMixin:
         _seed(*seed_keys)
         generate = getattr(model, "generate_targets", None) or model.generate_all
         for sl in self._batches(x.shape[0]):
-            with speed.autocast(self.device):
+            with speed.autocast(self.device, self.optimize):
                 out = generate(x[sl].to(self.device), a[sl].to(self.device)).float().cpu()
             yield sl, out
 
@@ -118,7 +118,7 @@ class MeasureMixin:
     def forgeable(self, prot: Protected, size: int, adaptation):
         """The protected eval photos as the attacker's pipeline gives them (cached per defense)."""
         key = ("eval", size, *self.attacker.prep_key(adaptation))
-        if not speed.optimizations_enabled():
+        if not self.optimize:
             prot.preps.pop(key, None)
         return _cached(prot.preps, key, lambda: self.attacker.forgeable(prot.eval, size, adaptation),
                        "the attacker's preparation of the eval photos failed")
@@ -171,6 +171,10 @@ class MeasureMixin:
         forged = x_prot.shape[0] > 0  # round >= 1: nothing to forge when the pipeline dropped every photo
         fake_prot = self._forge(model, x_prot, attrs, (cell.seed, "forge", *cell)) if forged else None
         reference = reference if forged else None
+        # retraining rounds: the original model's forgeries of the same clean inputs (the reference
+        # of the retrained_clean_mse metric and of the persistence columns' sr_mask_orig)
+        original = (self._forge(self.model(cell.model), x_clean, attrs, (cell.seed, "orig-clean", *cell))
+                    if forged and cell.round > 0 else None)
         t1 = time.perf_counter()
         label = cell.label
         log = getattr(self, "log", lambda msg: None)
@@ -181,7 +185,7 @@ class MeasureMixin:
         t2 = time.perf_counter()
         log_phase(log, "detect", label, t2 - t1)
         batch = EvalBatch(clean=x_clean, protected=x_prot, fake_clean=reference, fake_protected=fake_prot,
-                          detections_clean=dets_clean, detections_protected=dets_prot,
+                          fake_clean_original=original, detections_clean=dets_clean, detections_protected=dets_prot,
                           crop_kept=state.usable if cell.round > 0 else None)
         metrics: dict = dict(extra)
         for metric in self.metrics:
@@ -197,21 +201,24 @@ class MeasureMixin:
             fake_prot = None  # scored: not needed by the persistence columns
             if cell.round > 0:
                 tp = time.perf_counter()
+                made, original = {"orig": original}, None  # _persistence drops it once scored
                 metrics.update(self._persistence(cell, state, x_clean, x_prot, reference, attrs, photos, success,
-                                                 timings))
+                                                 timings, made))
                 persistence_s = time.perf_counter() - tp
         t3 = time.perf_counter()
-        # metrics_s: the metric plugins and SR_mask only; generating forgeries (the retrained model's
-        # clean one included) is generate_s, the control's retraining control_s and the original /
-        # control models' forgeries and scores control_measure_s
+        # metrics_s: the metric plugins and SR_mask only; generating forgeries (the retrained and
+        # the original model's clean ones included) is generate_s, the control's retraining
+        # control_s and the original / control models' other forgeries and scores control_measure_s
         timings.update(generate_s=t1 - t0, detect_s=t2 - t1, metrics_s=t3 - t2 - persistence_s)
         log_phase(log, "measure", label, timings["metrics_s"])
         if sample is not None:
             self._save_sample(cell, prot, *sample)
         return metrics
 
-    def _persistence(self, cell, state, x_clean, x_prot, reference, attrs, photos, success, timings) -> dict:
-        """The columns that tell what retraining on the protected photos did (see the attacker)."""
+    def _persistence(self, cell, state, x_clean, x_prot, reference, attrs, photos, success, timings,
+                     made: dict) -> dict:
+        """The columns that tell what retraining on the protected photos did (see the attacker).
+        ``made``: clean forgeries already made, by role (``"orig"``: the original model's)."""
         base = self.model(cell.model)
         t_ctrl = time.perf_counter()
         control = self._control(cell)  # retrained here on first use (control_s), else shared
@@ -219,10 +226,11 @@ class MeasureMixin:
         timings["control_s"] = t0 - t_ctrl
         out = {}
         scored = {}
+        drift = clean_drift(reference, made["orig"])  # the retrained_clean_mse metric's value
         for role, model in (("orig", base), ("ctrl", control.model)):
-            ref = self._forge(model, x_clean, attrs, (cell.seed, f"{role}-clean", *cell))
-            if role == "orig":
-                out["retrained_clean_mse"] = float(((reference - ref) ** 2).mean()) if ref.numel() else None
+            ref = made.pop(role, None)
+            if ref is None:
+                ref = self._forge(model, x_clean, attrs, (cell.seed, f"{role}-clean", *cell))
             # the protected forgeries scored batch by batch (never held whole)
             scores, l2_parts = [], []
             for sl, fake in self._forge_stream(model, x_prot, attrs, (cell.seed, f"{role}-forge", *cell)):
@@ -239,7 +247,7 @@ class MeasureMixin:
         # The attacker keeps its retrained model unless retraining broke it (its clean forgeries
         # drift from the original's by more than the success threshold), and uses whichever
         # acceptable model the protection disrupts less.
-        keeps_retrained = (out["retrained_clean_mse"] or 0.0) <= SUCCESS_THRESHOLD
+        keeps_retrained = (drift or 0.0) <= SUCCESS_THRESHOLD
         options = {"original": scored["orig"], **({"retrained": success} if keeps_retrained else {})}
         best = min(options, key=lambda k: float(options[k].float().mean()) if options[k].numel() else 0.0)
         worst = self._rate_columns("sr_mask_worst", options[best], photos)

@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from .. import speed
 from ..errors import TsdfBenchError
 
 from .estimate import (FLOAT_BYTES, available_disk, available_memory,  # noqa: F401 - re-exported
@@ -244,6 +245,7 @@ def _check_model(cfg, registry, name, batch: _Batch, device):
         info["reference"] = source
         notes.append(f"reference {Path(source['path']).name} sha256 {source['sha256'][:12]}")
     model = model.to(device).eval()
+    model.optimize = speed.resolve(cfg.run.optimize)  # the run's generate_targets path
     x = to_size(batch.images, model.image_size).to(device)
     a = select_attrs(batch.attrs, batch.attr_names, model.attributes, f"model {name!r}").to(device)
     generate = getattr(model, "generate_targets", None) or model.generate_all

@@ -64,10 +64,11 @@ class ProtectionMixin:
             blob = torch.load(cache, map_location="cpu", weights_only=False)
             return Protected(blob["collect"], blob["eval"], blob["perturbation_sha256"], blob["timings"], blob["info"])
         defense = self.registry.create("defense", plugin, seed=seed, device=str(self.device), **options)
+        defense.optimize = self.optimize  # the run's speed switch (PGD: the batch at once)
         self.log(f"fitting defense {name} (seed {seed}) on {data.fit.images.shape[0]} images")
         t0 = time.perf_counter()
         _seed(seed, "fit", name)
-        with speed.autocast(self.device):
+        with speed.autocast(self.device, self.optimize):
             defense.fit(data.fit.images.to(self.device), self._attrs_map(data.fit.attrs, models), models, detectors)
         t1 = time.perf_counter()
         protected = {}
@@ -77,7 +78,7 @@ class ProtectionMixin:
             for s in self._batches(split.images.shape[0]):
                 _seed(seed, "protect", name, split_name, s.start)
                 attrs = {k: v[s] for k, v in self._attrs_map(split.attrs, models).items()}
-                with speed.autocast(self.device):
+                with speed.autocast(self.device, self.optimize):
                     parts.append(defense.protect(split.images[s].to(self.device), attrs).detach().float().cpu())
             protected[split_name] = torch.cat(parts) if parts else split.images[:0].clone()
         t2 = time.perf_counter()
@@ -132,13 +133,13 @@ class ProtectionMixin:
         return removed
 
     def protected_detections(self, prot: Protected, name: str) -> list:
-        if not speed.optimizations_enabled():
+        if not self.optimize:
             prot.detections.pop(name, None)  # recomputed per call (the straightforward way)
         return _cached(prot.detections, name, lambda: self._detect(name, prot.eval),
                        f"detector {name!r} failed on protected images")
 
     def clean_detections(self, name: str) -> list:
-        if not speed.optimizations_enabled():
+        if not self.optimize:
             self._clean_dets.pop(name, None)
         return _cached(self._clean_dets, name, lambda: self._detect(name, self.data.eval.images),
                        f"detector {name!r} failed on clean images")

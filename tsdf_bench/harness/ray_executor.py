@@ -23,7 +23,9 @@ Rows come back to the driver, which writes them into the run's store as each tas
 ``--resume``, failures recorded per cell (a task whose worker dies gives its cell an error row)
 and Ctrl-C behave as with the local executor.  Workers rebuild the plugin registry from
 :attr:`Registry.spec` and keep one :class:`Runner` per run, so models, detectors and clean
-outputs are loaded once per worker process.  Files (perturbations, samples for the figures,
+outputs are loaded once per worker process; a worker's runner resolves the speed switch
+(``Runner.optimize``) from the same config and the ``TSDF_BENCH_*`` variables the driver passes
+on.  Files (perturbations, samples for the figures,
 the resume cache) are written by the workers under the run folder: on a multi-node cluster the
 output folder and the model cache (``TSDF_BENCH_CACHE``, passed on to the workers) must be on a
 shared file system, and tsdf-bench with the same plugins installed on every node.
@@ -35,7 +37,6 @@ import pickle
 import traceback
 from pathlib import Path
 
-from .. import speed
 from ..errors import ConfigError
 from ..paths import CACHE_ENV, cache_root
 from .plan import Cell
@@ -79,35 +80,32 @@ def _pack(value) -> bytes:
 
 def _prepare_task(job: dict, model: str) -> None:
     runner = _worker_runner(job)
-    with speed.optimizations(runner.cfg.run.optimize):
-        try:
-            runner.model(model)
-        except Exception:  # noqa: BLE001 - recorded by every cell of this model
-            pass
+    try:
+        runner.model(model)
+    except Exception:  # noqa: BLE001 - recorded by every cell of this model
+        pass
 
 
 def _protect_task(job: dict, seed: int, defense: str) -> bytes:
     runner = _worker_runner(job)
-    with speed.optimizations(runner.cfg.run.optimize):
-        try:
-            return _pack(runner.protect(seed, defense))
-        except Exception as exc:  # noqa: BLE001 - every cell of this defense fails with it
-            return _pack(CellFailure.of(exc, f"defense {defense!r} fit/protect"))
+    try:
+        return _pack(runner.protect(seed, defense))
+    except Exception as exc:  # noqa: BLE001 - every cell of this defense fails with it
+        return _pack(CellFailure.of(exc, f"defense {defense!r} fit/protect"))
 
 
 def _cell_task(job: dict, cell: Cell, write: bool, prot: bytes, state: bytes | None) -> tuple[list, bytes | None]:
     runner = _worker_runner(job)
     prot = pickle.loads(prot)
-    with speed.optimizations(runner.cfg.run.optimize):
-        if isinstance(prot, CellFailure):
-            if write:
-                runner._write_error(cell, prot, None, stage=prot.stage)
-            return runner.store.take(), None
-        state = runner.start_chain(cell) if state is None else pickle.loads(state)
-        state = runner.advance(state, cell, prot, write=write)
-        if state.failure is not None:  # exceptions do not pickle reliably: keep text and traceback
-            state.failure = (CellFailure.of(*state.failure), state.failure[1])
-        return runner.store.take(), _pack(state)
+    if isinstance(prot, CellFailure):
+        if write:
+            runner._write_error(cell, prot, None, stage=prot.stage)
+        return runner.store.take(), None
+    state = runner.start_chain(cell) if state is None else pickle.loads(state)
+    state = runner.advance(state, cell, prot, write=write)
+    if state.failure is not None:  # exceptions do not pickle reliably: keep text and traceback
+        state.failure = (CellFailure.of(*state.failure), state.failure[1])
+    return runner.store.take(), _pack(state)
 
 
 def run_on_ray(runner: Runner, *, address: str | None = None, cpus_per_task: float = 1,
@@ -127,8 +125,7 @@ def run_on_ray(runner: Runner, *, address: str | None = None, cpus_per_task: flo
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True, **kwargs)
         started = True
     try:
-        with speed.optimizations(runner.cfg.run.optimize):
-            return _submit_and_collect(ray, runner, cpus_per_task, gpus_per_task)
+        return _submit_and_collect(ray, runner, cpus_per_task, gpus_per_task)
     finally:
         if started:
             ray.shutdown()

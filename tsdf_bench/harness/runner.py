@@ -14,7 +14,7 @@ For each seed and defense:
    pipeline.  Each row then holds the defense measured against the retrained model (its own
    clean forgery: ``sr_mask``), the original model (``sr_mask_orig``), the clean-retraining control
    (``sr_mask_ctrl``, ``adaptation_gain = sr_mask_ctrl - sr_mask``) and the attacker's best
-   option (``sr_mask_worst``, with ``attacker_keeps``); ``retrained_clean_mse`` is the drift.
+   option (``sr_mask_worst``, with ``attacker_keeps``); the ``retrained_clean_mse`` metric is the drift.
 
 Every rate carries its count and a 95% cluster-bootstrap interval over source photos
 (``*_n``, ``*_hits``, ``*_lo``, ``*_hi``, ``*_photos``; :mod:`tsdf_bench.stats`).  Clean forgeries and
@@ -58,6 +58,8 @@ class Runner(ProtectionMixin, MeasureMixin):
         self.progress = progress
         self.log = log or (lambda msg: None)
         self.device = resolve_device(cfg.run.device)
+        # the speed switch, decided once ([run] optimize, TSDF_BENCH_OPTIMIZE) and passed on explicitly
+        self.optimize = speed.resolve(cfg.run.optimize)
         self._data = data
         self._models: dict[str, object] = {}
         self._model_hash: dict[str, str] = {}
@@ -94,7 +96,7 @@ class Runner(ProtectionMixin, MeasureMixin):
             self._provenance_base = {
                 "config_hash": cfg.hash, "run_name": cfg.run.name, "scale": cfg.run.scale,
                 "versions": versions(self.registry, used), "device": device_description(self.device),
-                **git_state(), "optimize": speed.optimizations_enabled(), "data": self.data.description, "data_hash": self.data.data_hash,
+                **git_state(), "optimize": self.optimize, "data": self.data.description, "data_hash": self.data.data_hash,
                 "data_notes": self.data.notes, "split": self.data.split, "metrics": self.metric_names(), "attacker_detector": cfg.detectors.attacker,
                 "crop": cfg.detectors.crop, "eps": cfg.defenses.eps,
                 "n_fit": int(self.data.fit.images.shape[0]), "n_collect": int(self.data.collect.images.shape[0]),
@@ -163,7 +165,8 @@ class Runner(ProtectionMixin, MeasureMixin):
             self._discriminators[name] = checkpoints.load_discriminator(model, path)
             self._model_record[name]["discriminator"] = (checkpoints.discriminator_record("demo")
                                                          if self._discriminators[name] is not None else fresh)
-        return speed.channels_last(model.to(self.device).eval())
+        model.optimize = self.optimize  # the run's switch, for generate_targets and the defenses
+        return speed.channels_last(model.to(self.device).eval(), self.optimize)
 
     def detector(self, name: str):
         def load():
@@ -291,14 +294,7 @@ class Runner(ProtectionMixin, MeasureMixin):
         return plan_cells(self.cfg, {n: bool(getattr(a, "retrains", False)) for n, a in self.adaptations.items()})
 
     def run(self) -> RunSummary:
-        """Run every unfinished cell; returns counts and the failures.
-
-        The speed switch (:mod:`tsdf_bench.speed`) is ``[run] optimize`` for the whole run
-        (``TSDF_BENCH_OPTIMIZE=0`` in the environment turns it off regardless)."""
-        with speed.optimizations(self.cfg.run.optimize):
-            return self._run()
-
-    def _run(self) -> RunSummary:
+        """Run every unfinished cell; returns counts and the failures."""
         cells = self.cells()
         done = self.store.done(self.run_id)
         todo = [c for c in cells if tuple(c) not in done]

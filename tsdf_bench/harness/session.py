@@ -110,13 +110,11 @@ def run_config(cfg: RunConfig | None, registry, *, output=None, resume: str | No
         check_names(cfg, registry)
         check_options(cfg, registry)
         if preflight_first:
-            from .. import speed
             from .preflight import preflight
 
             # every model, detector, checkpoint file and data entry, one batch each: a bad one
             # stops here, before any fitting (estimates over what is free are only warnings)
-            with speed.optimizations(cfg.run.optimize):
-                preflight(cfg, registry, output=output, fail_fast=True, log=log)
+            preflight(cfg, registry, output=output, fail_fast=True, log=log)
     cfg, store, run_id, run_dir = open_run(cfg, output, resume)
     check_names(cfg, registry)
     log(f"run {run_id}: {cfg.source} (config hash {cfg.hash[:12]}) -> {run_dir}")

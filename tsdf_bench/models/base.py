@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..speed import Switch
+
 # scale name -> (image size, base channel count); "paper" is the official configuration.
 SCALES = ("paper", "demo", "smoke")
 
@@ -28,6 +30,9 @@ class DeepfakeModel(nn.Module):
     name: str = ""
     attributes: tuple[str, ...] = ()
     input_range = (-1.0, 1.0)
+    #: The speed switch for this model (:mod:`tsdf_bench.speed`): the harness sets it to the run's
+    #: resolved ``optimize``; unset, ``TSDF_BENCH_OPTIMIZE`` decides.  Read by :meth:`generate_targets`.
+    optimize = Switch()
 
     def __init__(self, scale: str, image_size: int):
         super().__init__()
@@ -65,14 +70,12 @@ class DeepfakeModel(nn.Module):
     def generate_targets(self, x: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
         """Every protocol target, ``[B, T, 3, H, W]``: what callers (the runner, the attacks) use.
 
-        With optimisations on (:mod:`tsdf_bench.speed`) this is the subclass's ``generate_all``
-        (batched over targets where the plugin does so); with them off it is the papers'
+        With :attr:`optimize` on (:mod:`tsdf_bench.speed`) this is the subclass's ``generate_all``
+        (batched over targets where the plugin does so); with it off it is the papers'
         per-target loop of :meth:`DeepfakeModel.generate_all`.  Both give the same images up to
         float rounding.
         """
-        from ..speed import optimizations_enabled
-
-        if optimizations_enabled():
+        if self.optimize:
             return self.generate_all(x, attrs)
         return DeepfakeModel.generate_all(self, x, attrs)
 

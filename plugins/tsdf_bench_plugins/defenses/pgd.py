@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from tsdf_bench.defenses.attack_utils import (check_images, model_outputs, options_of, require, slice_attrs,
                                               uniform_like)
 from tsdf_bench.defenses.base import Defense
-from tsdf_bench.speed import optimizations_enabled
 
 
 class PGD(Defense):
@@ -23,8 +22,9 @@ class PGD(Defense):
     Defaults (the paper's): eps 0.05, iterations 10, step 0.01, random_start True,
     max_targets None (all targets).
 
-    With optimisations on (:mod:`tsdf_bench.speed`) a batch is attacked at once; with them off,
-    image by image as in the paper's code.  Both give the same perturbations up to float rounding.
+    With :attr:`optimize` on (the run's speed switch, :mod:`tsdf_bench.speed`) a batch is attacked
+    at once; with it off, image by image as in the paper's code.  Both give the same perturbations
+    up to float rounding.
 
     Departures: when the models take a fixed input size (``model.image_size``) different from the
     image's, the attack runs on a bilinear resize of the image and the perturbation is resized
@@ -55,7 +55,7 @@ class PGD(Defense):
         start = None
         if self.random_start:
             start = uniform_like(x.shape, self.eps, self.generator(), x.device)
-        if optimizations_enabled() or x.shape[0] == 1:
+        if self.optimize or x.shape[0] == 1:
             adv = self._attack(x, attrs, start)
         else:  # the papers' one-image-at-a-time loop (same result: each image's loss is its own)
             adv = torch.cat([self._attack(x[i:i + 1], slice_attrs(attrs, slice(i, i + 1)),

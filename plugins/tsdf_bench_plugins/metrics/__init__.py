@@ -14,6 +14,8 @@ def register_metrics(register):
                          lazy(f"{_P}.detection:DetectionMetric")))
     register(MetricEntry("crop_yield", "Share of protected images the attacker still gets a usable face crop from.",
                          lazy(f"{_P}.prep_yield:CropYieldMetric")))
+    register(MetricEntry("retrained_clean_mse", "How far retraining moved the model: MSE of its clean forgeries vs "
+                         "the original model's.", lazy(f"{_P}.drift:RetrainedCleanMseMetric")))
     register(MetricEntry("identity", "Identity disruption, CIDR-style (PDB): dlib ResNet face embeddings of x, G(x), G(x+W).",
                          lazy(f"{_P}.identity:IdentityMetric")))
     register(MetricEntry("lpips", "LPIPS of G(x+W) vs G(x) and x+W vs x (lpips package, local backbone weights only).",
