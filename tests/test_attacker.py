@@ -36,8 +36,20 @@ def test_zero_perturbation_gets_zero_adaptation_gain(tmp_path):
     zero = [r for r in rows if r["defense"] == "fake-zero" and r["round"] > 0]
     assert zero and all(r["adaptation_gain"] == 0 for r in zero)
     assert all(r["checkpoint_sha256"] == r["control_checkpoint_sha256"] for r in zero)  # same data, same seed
+    # nothing to disrupt on either model: a tie, and the attacker keeps the model it retrained
+    assert all(r["sr_mask"] == r["sr_mask_orig"] == 0 for r in zero)
+    assert all(r["attacker_keeps"] == "retrained" and r["sr_mask_worst_photos"] == r["sr_mask_photos"] for r in zero)
     shift = [r for r in rows if r["defense"] == "fake-shift" and r["round"] > 0]
     assert all(r["checkpoint_sha256"] != r["control_checkpoint_sha256"] for r in shift)
+
+
+def test_the_attacker_keeps_the_retrained_model_unless_it_broke_or_got_worse():
+    keeps = attacker_module.keeps
+    assert keeps(0.01, 0.2, 0.2) == "retrained"  # a tie: it retrained on purpose
+    assert keeps(None, None, None) == "retrained"  # nothing forged: no reason to go back
+    assert keeps(0.01, 0.1, 0.2) == "retrained"  # the protection disrupts the retrained model less
+    assert keeps(0.01, 0.3, 0.2) == "original"  # retraining made its forgeries worse
+    assert keeps(0.06, 0.0, 0.5) == "original"  # retraining broke the model (clean drift MSE above 0.05)
 
 
 def test_retrain_g_steps_counts_generator_optimizer_steps(monkeypatch):

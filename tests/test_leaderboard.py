@@ -91,7 +91,7 @@ def test_seeds_pool_photo_counts_and_interval_matches_stats_rate():
     assert got["pairs"] == 80 and got["successes"] == 30 and got["photos"] == 5
     assert got["lo"] < got["value"] < got["hi"]
     md = _render(rows)
-    assert f"{expected['rate']:.3f} [{expected['lo']:.3f}, {expected['hi']:.3f}] n=80" in md
+    assert f"{expected['rate']:.3f} [{expected['lo']:.3f}, {expected['hi']:.3f}] (30/80)" in md
     # JSON keeps the numbers of every row, never strings
     js = json.loads(_render(rows, "json"))
     assert [r["sr_mask"] for r in js] == [0.5, 0.25] and js[0]["sr_mask_photos"] == rows[0]["sr_mask_photos"]

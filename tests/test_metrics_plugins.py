@@ -104,7 +104,76 @@ def test_detection_with_named_missing_detector_is_an_error(registry):
 def test_crop_yield_none_in_round_zero(registry):
     metric = registry.create("metric", "crop_yield")
     assert metric.compute(_batch(round_k=False)) == {"crop_yield": None}
-    assert metric.compute(_batch(round_k=True)) == {"crop_yield": 0.5}
+    out = metric.compute(_batch(round_k=True))  # no crop_photos: each collected photo is its own cluster
+    assert out["crop_yield"] == 0.5 and (out["crop_yield_hits"], out["crop_yield_n"]) == (1, 2)
+    assert out["crop_yield_photos"] == {"0": [1, 1], "1": [0, 1]}
+
+
+def test_crop_yield_counts_and_interval_cluster_by_the_collected_photos_source_photo(registry):
+    """Four views each of two source photos: one photo always gives a usable crop, the other never.
+    A bootstrap over 2 photos spans [0, 1]; over 8 independent crops it would not reach 0 or 1."""
+    from tsdf_bench import stats
+    from tsdf_bench.errors import TsdfBenchError
+
+    batch = _batch()
+    batch.crop_kept, batch.crop_photos = [True, False] * 4, ["a", "b"] * 4
+    out = registry.create("metric", "crop_yield").compute(batch)
+    assert out["crop_yield_photos"] == {"a": [4, 4], "b": [0, 4]}
+    assert (out["crop_yield"], out["crop_yield_hits"], out["crop_yield_n"]) == (0.5, 4, 8)
+    assert (out["crop_yield_lo"], out["crop_yield_hi"]) == (0.0, 1.0)
+    by_crop = stats.rate({str(i): [int(k), 1] for i, k in enumerate(batch.crop_kept)})
+    assert 0 < by_crop["lo"] and by_crop["hi"] < 1  # what clustering by crop would have claimed
+    batch.crop_photos = ["a"]
+    with pytest.raises(TsdfBenchError, match="8 collected photos in crop_kept but 1 crop_photos"):
+        registry.create("metric", "crop_yield").compute(batch)
+
+
+def _views_batch():
+    """Four views each of two source photos: the face of photo "a" survives protection on every
+    view, that of photo "b" on none (and one of b's views gets a false box)."""
+    face, other = [[0, 0, 40, 40]], [[50, 50, 60, 60]]
+    batch = _batch()
+    batch.detections_clean = {"mtcnn": [_det(face, [0.99])] * 8}
+    batch.detections_protected = {"mtcnn": [_det(face, [0.95]), _det([], [])] * 3
+                                  + [_det(face, [0.95]), _det(other, [0.9])]}
+    batch.eval_photos = ["a", "b"] * 4
+    return batch
+
+
+def test_detection_rates_carry_counts_per_source_photo_and_a_cluster_interval(registry):
+    from tsdf_bench import stats
+    from tsdf_bench.schema import rate_family
+
+    metric = registry.create("metric", "detection")
+    batch = _views_batch()
+    out = metric.compute(batch)
+    assert set(rate_family("det_recall_mtcnn")) <= set(out) <= set(metric.columns_for(batch))
+    # recall: true positives of the clean face boxes
+    assert out["det_recall_mtcnn_photos"] == {"a": [4, 4], "b": [0, 4]}
+    assert (out["det_recall_mtcnn"], out["det_recall_mtcnn_hits"], out["det_recall_mtcnn_n"]) == (0.5, 4, 8)
+    assert (out["det_recall_mtcnn_lo"], out["det_recall_mtcnn_hi"]) == (0.0, 1.0)  # 2 photos, not 8 boxes
+    # precision: true positives of the protected boxes (photo b's one false box); F1: 2TP of 2TP + FP + FN
+    assert out["det_precision_mtcnn_photos"] == {"a": [4, 4], "b": [0, 1]}
+    assert out["det_f1_mtcnn_photos"] == {"a": [8, 8], "b": [0, 5]}
+    assert out["det_precision_mtcnn"] == pytest.approx(0.8) and out["det_f1_mtcnn"] == pytest.approx(8 / 13)
+    for column in ("det_recall_mtcnn", "det_precision_mtcnn", "det_f1_mtcnn"):
+        expected = stats.rate(out[f"{column}_photos"])
+        assert out[column] == pytest.approx(expected["rate"])
+        assert (out[f"{column}_lo"], out[f"{column}_hi"]) == (expected["lo"], expected["hi"])
+    # without source photos every image is its own cluster
+    batch.eval_photos = None
+    alone = metric.compute(batch)
+    assert alone["det_recall_mtcnn_photos"] == {str(i): [1 - i % 2, 1] for i in range(8)}
+    assert 0 < alone["det_recall_mtcnn_lo"] < alone["det_recall_mtcnn_hi"] < 1
+
+
+def test_detection_with_the_wrong_number_of_eval_photos_is_an_error(registry):
+    from tsdf_bench.errors import TsdfBenchError
+
+    batch = _views_batch()
+    batch.eval_photos = ["a", "b"]
+    with pytest.raises(TsdfBenchError, match="8 images of detector 'mtcnn' but 2 eval_photos"):
+        registry.create("metric", "detection").compute(batch)
 
 
 def test_detection_paper_form_averages_per_image(registry):

@@ -228,6 +228,15 @@ def test_smoke_config_runs_end_to_end_with_the_real_plugins(tmp_path):
     for r in (r for r in out.rows if r["defense"] == "none"):
         assert r["l2_mask"] == 0 and r["sr_mask"] == 0 and r["l2"] == 0
     assert [r["retrained_clean_mse"] > 0 for r in out.rows if r["round"] == 1] == [True, True]
+    # detection rates and the crop yield carry counts per source photo: the eval photos' (as SR_mask's
+    # at round 0), and the attacker's collected photos' (one trial per collected photo)
+    for r in out.rows:
+        eval_photos = set(next(x for x in out.rows if x["round"] == 0)["sr_mask_photos"])
+        assert set(r["det_recall_mtcnn_photos"]) <= eval_photos and r["det_recall_mtcnn_n"] > 0
+        assert r["det_recall_mtcnn_lo"] <= r["det_recall_mtcnn"] <= r["det_recall_mtcnn_hi"]
+        if r["round"]:
+            assert not set(r["crop_yield_photos"]) & eval_photos and r["crop_yield_n"] == cfg.data.n_collect
+            assert r["crop_yield"] == r["crop_yield_hits"] / r["crop_yield_n"]
     assert sorted(out.files) == ["figures", "leaderboard", "results"]
     assert (out.summary.run_dir / "leaderboard" / "leaderboard.md").is_file()
     # the real plugins' rows follow the one row schema too (tsdf_bench.schema)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tsdf_bench.stats import merge_counts, paired_difference, photo_counts, rate, wilson
+from tsdf_bench.stats import merge_counts, paired_difference, photo_counts, rate, rate_columns, trial_counts, wilson
 
 
 def test_photo_counts_group_pairs_by_source_photo():
@@ -42,3 +42,24 @@ def test_paired_difference_and_persistence():
     p = paired_difference(a, b, a0, b0)
     assert p["diff"] == pytest.approx(0.5) and p["excludes_zero"]
     assert paired_difference({"x": [1, 1]}, {"y": [1, 1]})["diff"] is None  # no shared photo
+
+
+def test_trial_counts_add_units_of_one_photo_and_leave_out_photos_without_a_trial():
+    # per image: true positives and clean face boxes; images 0 and 2 are views of photo "a"
+    got = trial_counts([1, 0, 2, 0], [1, 1, 2, 0], ["a", "b", "a", "c"])
+    assert got == {"a": [3, 3], "b": [0, 1]}  # "c" had no face box: not a trial of recall
+    with pytest.raises(ValueError, match="3 hits, 3 trials and 2 photos"):
+        trial_counts([1, 0, 1], [1, 1, 1], ["a", "b"])
+
+
+def test_rate_columns_store_a_rate_like_the_schema_says():
+    from tsdf_bench.schema import rate_family
+
+    counts = {"a": [3, 4], "b": [1, 4], "c": [0, 2]}
+    cols = rate_columns("det_recall_mtcnn", counts)
+    assert tuple(cols) == rate_family("det_recall_mtcnn")
+    r = rate(counts)
+    assert (cols["det_recall_mtcnn"], cols["det_recall_mtcnn_lo"], cols["det_recall_mtcnn_hi"]) == (
+        r["rate"], r["lo"], r["hi"])
+    assert (cols["det_recall_mtcnn_hits"], cols["det_recall_mtcnn_n"]) == (4, 10)
+    assert cols["det_recall_mtcnn_photos"] == counts

@@ -59,7 +59,9 @@ class EvalBatch:
     original model's G(x) of the same inputs in a retraining round (None in round 0).  Detections are
     per detector name, one :class:`Detections` per full-size image.  ``crop_kept``: per protected
     image, whether the attacker's pipeline got a usable crop (IoU with the clean crop >= 0.5);
-    ``None`` in round 0.
+    ``None`` in round 0.  ``eval_photos``: the source photo of each full-size image (the
+    detections' images), ``crop_photos``: that of each ``crop_kept`` entry (the attacker's
+    collected photos); the clusters of the rates' bootstrap intervals (None: each image is its own).
     """
 
     clean: Tensor
@@ -70,6 +72,8 @@ class EvalBatch:
     detections_clean: dict[str, list[Detections]] = field(default_factory=dict)
     detections_protected: dict[str, list[Detections]] = field(default_factory=dict)
     crop_kept: list[bool] | None = None
+    eval_photos: list | None = None
+    crop_photos: list | None = None
 
 
 class Metric:

@@ -6,7 +6,9 @@ A **row** is one cell (:class:`CellKey`: defense, model, adaptation, round, seed
 executor, the store and the leaderboard all use :class:`CellKey`; :data:`PROVENANCE` documents
 every provenance field (a test fails when the runner writes one that is not documented here).
 Metric columns are declared by the metric plugins (``columns``) and by the harness's own rates
-(:data:`HARNESS_RATES`, each with :data:`RATE_SUFFIXES`).
+(:data:`HARNESS_RATES`, each with :data:`RATE_SUFFIXES`).  A plugin's rate with counts (detection
+recall / precision / F1 per detector, the attacker's crop yield) declares its whole
+:func:`rate_family`; the leaderboard shows the family as one column.
 """
 from __future__ import annotations
 
@@ -44,7 +46,19 @@ KEY_COLUMNS = (*CELL_KEYS, *STATUS_KEYS)
 #: Rates the harness computes itself (tsdf_bench.harness.measure), each with its count and interval.
 HARNESS_RATES = ("sr_mask", "sr_mask_orig", "sr_mask_ctrl", "sr_mask_worst")
 RATE_SUFFIXES = ("_lo", "_hi", "_n", "_hits", "_photos")
-#: Other harness columns of retraining rounds.
+
+
+def rate_family(name: str) -> tuple[str, ...]:
+    """A rate's columns as :func:`tsdf_bench.stats.rate_columns` writes them: the rate, its 95%
+    interval (``_lo``, ``_hi``), trials (``_n``), successes (``_hits``) and ``{photo: [successes,
+    trials]}`` (``_photos``)."""
+    return (name, *(f"{name}{s}" for s in RATE_SUFFIXES))
+
+
+#: Other harness columns of retraining rounds.  ``attacker_keeps``: the model the attacker forges
+#: with (``sr_mask_worst``), ``"retrained"`` unless retraining broke it (clean drift above the
+#: success threshold) or the protection disrupts it more than the original; a tie keeps the
+#: retrained model (:func:`tsdf_bench.harness.attacker.keeps`).
 HARNESS_COLUMNS = ("l2_mask_orig", "l2_mask_ctrl", "adaptation_gain", "attacker_keeps", "eval_kept", "eval_dropped")
 
 PROVENANCE = {

@@ -8,7 +8,9 @@ together).  :func:`wilson` is for independent trials only (one pair per photo).
 
 The unit of storage is ``{photo: [successes, pairs]}`` (a row's ``sr_mask_photos``): rates,
 differences between defenses on the same photos (:func:`paired_difference`) and ratios
-(persistence) are all computed from it.
+(persistence) are all computed from it.  The same holds for rates whose trials are not pairs:
+face boxes (detection recall, precision, F1: :func:`trial_counts`) and collected photos (the
+attacker's crop yield).  A row stores every rate as :func:`rate_columns` writes it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,19 @@ def photo_counts(success: np.ndarray, photos) -> dict[str, list[int]]:
         hits, n = out.setdefault(str(photo), [0, 0])
         out[str(photo)] = [hits + int(row.sum()), n + int(row.size)]
     return out
+
+
+def trial_counts(hits, trials, photos) -> dict[str, list[int]]:
+    """``{photo: [successes, trials]}`` from per-unit counts (e.g. per image: true positives and
+    clean face boxes) and each unit's source photo; photos without a trial are left out."""
+    if not len(hits) == len(trials) == len(photos):
+        raise ValueError(f"trial_counts: {len(hits)} hits, {len(trials)} trials and {len(photos)} photos; "
+                         "give one of each per unit")
+    out: dict[str, list[int]] = {}
+    for photo, h, n in zip(photos, hits, trials):
+        a, b = out.get(str(photo), [0, 0])
+        out[str(photo)] = [a + int(h), b + int(n)]
+    return {p: c for p, c in out.items() if c[1] > 0}
 
 
 def merge_counts(*counts: dict) -> dict[str, list[int]]:
@@ -73,6 +88,14 @@ def rate(counts: dict, n_boot: int = N_BOOT, seed: int = 0) -> dict:
             samples = (w @ hits) / (w @ n)
         out["lo"], out["hi"] = _interval(samples)
     return out
+
+
+def rate_columns(name: str, counts: dict, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """How a row stores a rate: ``name`` (the rate), ``name_lo`` / ``name_hi`` (95% cluster-bootstrap
+    interval), ``name_n`` (trials), ``name_hits`` (successes) and ``name_photos`` (the counts)."""
+    r = rate(counts, n_boot, seed)
+    return {name: r["rate"], f"{name}_lo": r["lo"], f"{name}_hi": r["hi"], f"{name}_n": r["pairs"],
+            f"{name}_hits": r["successes"], f"{name}_photos": counts}
 
 
 def paired_difference(a: dict, b: dict, a0: dict | None = None, b0: dict | None = None,

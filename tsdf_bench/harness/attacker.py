@@ -16,6 +16,8 @@ After a person posts protected photos, the attacker
 Per (model, adaptation, round, seed) the attacker also retrains a **control** model with the same
 budget and seed on the *clean* versions of the same collection: shared by every defense, it
 separates "retraining on the protected photos removed the protection" from "the model changed".
+After a round it forges with the model it prefers (:func:`keeps`): the retrained one unless
+retraining broke it or made its forgeries worse.
 
 A collected crop is *usable* (:func:`usable_crops`) when it overlaps the clean photo's crop at
 IoU >= 0.5: the attacker got the right face.
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import TsdfBenchError
+from ..metrics import SUCCESS_THRESHOLD
 from .data import select_attrs, to_size
 from .provenance import derived_seed, state_dict_hash
 from .state import _cached
@@ -209,6 +212,19 @@ class Attacker:
         shares them, and seeds are the outer loop."""
         for key in [key for key in self._controls if key[2] != seed]:
             del self._controls[key]
+
+
+def keeps(retrained_clean_mse: float | None, sr_retrained: float | None, sr_original: float | None,
+          max_drift: float = SUCCESS_THRESHOLD) -> str:
+    """The model the attacker forges with after a retraining round: ``"retrained"`` or ``"original"``.
+
+    It keeps the retrained model unless retraining broke it (its clean forgeries drift from the
+    original's by an MSE above ``max_drift``, the success threshold) or the protection disrupts
+    the retrained model's forgeries more than the original's (a higher SR_mask).  On a tie it keeps
+    the retrained model: it retrained on purpose, and goes back only when that made things worse."""
+    if (retrained_clean_mse or 0.0) > max_drift:
+        return "original"
+    return "original" if (sr_original or 0.0) < (sr_retrained or 0.0) else "retrained"
 
 
 def _aligned(adaptation) -> bool:

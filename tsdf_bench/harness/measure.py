@@ -9,8 +9,8 @@ import torch
 
 from .. import speed
 from ..metrics import MASK_THRESHOLD, SUCCESS_THRESHOLD, clean_drift, edit_mask, l2_mask
-from ..stats import photo_counts, rate
-from .attacker import _purify_key
+from ..stats import photo_counts, rate_columns
+from .attacker import _purify_key, keeps
 from .data import to_size
 from .plan import Cell
 from .state import ChainState, Protected, _cached, _Failed
@@ -141,10 +141,7 @@ class MeasureMixin:
         return self._pair_scores(fake_prot, reference, x)[1]
 
     def _rate_columns(self, name: str, success: torch.Tensor, photos) -> dict:
-        counts = photo_counts(success.numpy(), photos)
-        r = rate(counts)
-        return {name: r["rate"], f"{name}_lo": r["lo"], f"{name}_hi": r["hi"], f"{name}_n": r["pairs"],
-                f"{name}_hits": r["successes"], f"{name}_photos": counts}
+        return rate_columns(name, photo_counts(success.numpy(), photos))
 
     def measure(self, cell: Cell, state: ChainState, prot: Protected, timings: dict) -> dict:
         """Every metric of one cell.
@@ -186,7 +183,8 @@ class MeasureMixin:
         log_phase(log, "detect", label, t2 - t1)
         batch = EvalBatch(clean=x_clean, protected=x_prot, fake_clean=reference, fake_protected=fake_prot,
                           fake_clean_original=original, detections_clean=dets_clean, detections_protected=dets_prot,
-                          crop_kept=state.usable if cell.round > 0 else None)
+                          crop_kept=state.usable if cell.round > 0 else None, eval_photos=self.data.eval.photos,
+                          crop_photos=self.data.collect.photos if cell.round > 0 else None)
         metrics: dict = dict(extra)
         for metric in self.metrics:
             metrics.update(metric.compute(batch))
@@ -245,12 +243,11 @@ class MeasureMixin:
         own = float(success.float().mean()) if success.numel() else None
         out["adaptation_gain"] = out["sr_mask_ctrl"] - own if own is not None and out["sr_mask_ctrl"] is not None else None
         # The attacker keeps its retrained model unless retraining broke it (its clean forgeries
-        # drift from the original's by more than the success threshold), and uses whichever
-        # acceptable model the protection disrupts less.
-        keeps_retrained = (drift or 0.0) <= SUCCESS_THRESHOLD
-        options = {"original": scored["orig"], **({"retrained": success} if keeps_retrained else {})}
-        best = min(options, key=lambda k: float(options[k].float().mean()) if options[k].numel() else 0.0)
-        worst = self._rate_columns("sr_mask_worst", options[best], photos)
+        # drift from the original's by more than the success threshold) or the protection disrupts
+        # it more than the original (a tie keeps the retrained model): attacker.keeps.
+        sr = lambda t: float(t.double().mean()) if t.numel() else None  # noqa: E731 - both alike
+        best = keeps(drift, sr(success), sr(scored["orig"]))
+        worst = self._rate_columns("sr_mask_worst", {"original": scored["orig"], "retrained": success}[best], photos)
         out.update({k: v for k, v in worst.items()}, attacker_keeps=best)
         timings["control_measure_s"] = time.perf_counter() - t0
         return out

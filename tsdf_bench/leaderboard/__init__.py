@@ -12,11 +12,15 @@ Rules (stated in every rendered header as :data:`RULES`, tested in tests/test_le
   retrained model, ``SR_mask_ctrl@k`` against the clean-retraining control, and
   ``SR_mask_worst@k`` against the attacker's best option (whichever of the original and the
   retrained model the protection disrupts less).
-* **Seeds.** A rate pools the ``{photo: [successes, pairs]}`` counts of every seed and shows
-  ``rate [lo, hi] n=pairs``: a 95% cluster bootstrap over source photos
-  (:func:`tsdf_bench.stats.rate`).  Other values are the mean over seeds (``± sample std`` with
-  more than one).  If one (defense, model, adaptation, round, seed) appears in several runs, the
-  last row wins (rows come oldest run first) and the header counts the superseded rows.
+* **Seeds.** A rate pools the ``{photo: [successes, trials]}`` counts of every seed and shows
+  ``rate [lo, hi] (successes/trials)``: a 95% cluster bootstrap over source photos
+  (:func:`tsdf_bench.stats.rate`).  Rates are SR_mask (trials: (image, target) pairs), the
+  detection recall / precision / F1 per detector (face boxes; detection depends on the defense
+  and seed only, so one round-0 row per seed) and the crop yield (the attacker's collected photos).
+  Rows without counts (older runs) show the bare value, without an interval.  Other values are
+  the mean over seeds (``± sample std`` with more than one).  If one (defense, model,
+  adaptation, round, seed) appears in several runs, the last row wins (rows come oldest run
+  first) and the header counts the superseded rows.
 * **Final SR** = ``SR_mask_worst@k`` for an adaptation that retrains (``SR_mask@k`` for rows
   measured before the attacker's best option existed), ``SR_mask@0`` otherwise.  **Persistence**
   = Final SR / SR_mask@0; undefined ("—", ``None`` in CSV/JSON) when SR_mask@0 = 0 or there is
@@ -29,7 +33,8 @@ Rules (stated in every rendered header as :data:`RULES`, tested in tests/test_le
 * **Comparison.** The reference defense (``reference_defense``, default ``tsdf`` when present)
   minus each other defense, per model and adaptation and pooled: the difference in Final SR and
   in persistence with a paired bootstrap interval over the photos both were measured on
-  (:func:`tsdf_bench.stats.paired_difference`), and whether it excludes 0.
+  (:func:`tsdf_bench.stats.paired_difference`), and whether it excludes 0; likewise the crop yield
+  at k and the recall of the attacker's detector at round 0, with both sides' counts.
 * **Errors** are never dropped: a cell whose every seed failed shows "error", a partly failed one
   says how many failed, and every error row is listed with its message.
 """
@@ -57,13 +62,15 @@ DEMO_NOTE = "demo-scale numbers, not the paper's"
 RULES = ("SR_mask: share of (image, target) pairs whose masked L2 > 0.05 (CMUA); @0: original model; @k: after "
          "the attacker's last retraining round k, scored against the retrained model (SR_mask@k), the "
          "clean-retraining control (SR_mask_ctrl@k) and the attacker's best option of original and retrained "
-         "model (SR_mask_worst@k). Rates: seeds pooled, 'rate [lo, hi] n=pairs' with a 95% cluster bootstrap "
-         "over source photos; other values: mean over seeds (± sample std if >1 seed). Final SR = "
+         "model (SR_mask_worst@k; a tie keeps the retrained one). Rates (SR_mask: pairs; detection: face boxes; "
+         "crop yield: collected photos): seeds pooled, 'rate [lo, hi] (successes/trials)' with a 95% cluster "
+         "bootstrap over source photos; other values: mean over seeds (± sample std if >1 seed). Final SR = "
          "SR_mask_worst@k if the adaptation retrains, else SR_mask@0. Persistence = Final SR / SR_mask@0 "
          "(— when SR_mask@0 = 0 or there is no retraining). Adaptation gain = SR_mask_ctrl@k - SR_mask@k. "
          "Rank: per model and adaptation by Final SR (highest = 1), averaged over models; lower is better. "
-         "Overall: rates pool every model's photo counts, other values are the mean over models. Comparison: "
-         "reference minus other, paired bootstrap over shared photos. Errors are listed, never dropped.")
+         "Overall: rates pool every model's photo counts (detection, the same for every model, is not added up), "
+         "other values are the mean over models. Comparison: reference minus other, paired bootstrap over "
+         "shared photos. Errors are listed, never dropped.")
 
 
 # -- header --------------------------------------------------------------------------------

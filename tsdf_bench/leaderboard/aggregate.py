@@ -11,6 +11,11 @@ No formatting here (see :mod:`.render`).  A record's statistics are dicts:
   n > 1.
 * a **difference** ``{"kind": "diff", "value", "lo", "hi", "excludes_zero", "photos"}`` from
   :func:`tsdf_bench.stats.paired_difference` (paired bootstrap over the photos both sides share).
+
+The detection rates (``det_recall_<det>``, ``det_precision_<det>``, ``det_f1_<det>``: face boxes)
+and the crop yield (collected photos) are rates like SR_mask when their rows carry counts.
+Detection depends on the defense and the seed only (every model and adaptation measures the same
+protected photos), so it is pooled over seeds from one round-0 row each, never added up over models.
 """
 from __future__ import annotations
 
@@ -21,10 +26,12 @@ from typing import Iterable
 from .. import stats
 from ..errors import TsdfBenchError
 from ..schema import CellKey
-from .columns import HARNESS_COLUMNS, KEY_COLUMNS, PROVENANCE_COLUMNS, shown_columns
+from .columns import HARNESS_COLUMNS, KEY_COLUMNS, PROVENANCE_COLUMNS, RATE_SUFFIXES, shown_columns
 
 # the rate columns the summary reports at the final round k (the harness's, see columns.py)
 FINAL_RATES = ("sr_mask", "sr_mask_orig", "sr_mask_ctrl", "sr_mask_worst")
+# the detection metric's rates, per detector (plugins/tsdf_bench_plugins/metrics/detection.py)
+DETECTION_RATES = ("det_recall", "det_precision", "det_f1")
 
 
 # -- row hygiene ---------------------------------------------------------------------------
@@ -68,6 +75,24 @@ def dedupe(rows: list[dict]) -> tuple[list[dict], int]:
 
 def ok(row) -> bool:
     return (row.get("status") or "ok") == "ok"
+
+
+def detectors(rows: Iterable[dict]) -> list[str]:
+    """The detectors whose rates the rows carry (``det_recall_<det>``; not the paper's form, not a
+    rate's count or interval columns)."""
+    names = {k[len("det_recall_"):] for r in rows for k in r
+             if k.startswith("det_recall_") and not k.startswith("det_recall_paper_")}
+    return sorted(n for n in names if not any(n == f"{m}{s}" for m in names for s in RATE_SUFFIXES))
+
+
+def detection_rows(rows: Iterable[dict]) -> list[dict]:
+    """One ok round-0 row per (defense, seed): the first by (model, adaptation).  Detection is
+    measured on the defense's protected photos of a seed, the same for every model and adaptation."""
+    first: dict[tuple, dict] = {}
+    for row in sorted((r for r in rows if ok(r) and int(r["round"]) == 0),
+                      key=lambda r: (str(r["model"]), str(r["adaptation"]))):
+        first.setdefault((str(row["defense"]), row.get("seed")), row)
+    return list(first.values())
 
 
 def flat_rows(rows: Iterable[dict], metric_columns=None, registry=None) -> list[dict]:
@@ -218,7 +243,15 @@ def _status(n_errors: int, n_rows: int, all_failed: bool) -> str:
     return "error" if all_failed else "ok" if not n_errors else f"{n_errors} of {n_rows} rows failed"
 
 
-def _model_record(pool: Pooler, key: tuple, grows: list[dict], columns: list[str]) -> dict:
+def _attacker_detector(rows: list[dict]) -> str | None:
+    """The detector of the rows' attacker (None for a pipeline without one, or several)."""
+    if any(r.get("pipeline") == "aligned" for r in rows):
+        return None
+    names = {str(r["attacker_detector"]) for r in rows if r.get("attacker_detector")}
+    return names.pop() if len(names) == 1 else None
+
+
+def _model_record(pool: Pooler, key: tuple, grows: list[dict], columns: list[str], dets=()) -> dict:
     model, defense, adaptation = key
     good = [r for r in grows if ok(r)]
     rounds = sorted({int(r["round"]) for r in good})
@@ -232,7 +265,9 @@ def _model_record(pool: Pooler, key: tuple, grows: list[dict], columns: list[str
         rec[f"{c}@k"] = pool.column(atk, c) if atk else None
     rec["adaptation_gain"] = (pool.difference(rec["sr_mask_ctrl@k"], rec["sr_mask@k"])
                               or (mean_stat(r.get("adaptation_gain") for r in atk) if atk else None))
-    rec["crop_yield"] = mean_stat(r.get("crop_yield") for r in atk) if atk else None
+    rec["crop_yield"] = pool.column(atk, "crop_yield") if atk else None
+    rec["detection"] = {f"{c}_{d}": pool.column(at0, f"{c}_{d}") for d in dets for c in DETECTION_RATES}
+    rec["attacker_detector"] = _attacker_detector(good)
     kept = [num(r.get("eval_kept")) for r in atk]
     dropped = [num(r.get("eval_dropped")) for r in atk]
     rec["eval_dropped"] = int(sum(d for d in dropped if d is not None)) if any(d is not None for d in dropped) else None
@@ -258,6 +293,11 @@ def _overall_record(pool: Pooler, defense: str, adaptation: str, recs: list[dict
         o[key] = pool.combine([r[key] for r in recs])
     o["adaptation_gain"] = (pool.difference(o["sr_mask_ctrl@k"], o["sr_mask@k"])
                             or pool.combine([r["adaptation_gain"] for r in recs]))
+    # detection is the same for every model: one model's record (the most rows), not their sum
+    o["detection"] = {key: max((r["detection"][key] for r in recs if r["detection"].get(key)),
+                               key=lambda st: st["n"], default=None) for key in recs[0]["detection"]}
+    detectors_ = {r["attacker_detector"] for r in recs}
+    o["attacker_detector"] = detectors_.pop() if len(detectors_) == 1 else None
     dropped = [r for r in recs if r["eval_dropped"] is not None]
     o["eval_dropped"] = sum(r["eval_dropped"] for r in dropped) if dropped else None
     o["eval_total"] = sum(r["eval_total"] for r in dropped) if dropped else None
@@ -321,10 +361,23 @@ def compare(pool: Pooler, records: list[dict], reference: str) -> list[dict]:
             retrains = ref["k"] is not None and other["k"] is not None
             line["d_persistence"] = (pool.difference(ref["final"], other["final"], ref["sr_mask@0"],
                                                      other["sr_mask@0"]) if retrains and ref_ok and other_ok else None)
+            _compare_poisoning(pool, line, ref, other, retrains and ref_ok and other_ok, ref_ok and other_ok)
             out.append(line)
     out.sort(key=lambda r: (r["model"] != "(all)", r["model"], r["adaptation"] != "retrain", r["adaptation"],
                             r["defense"]))
     return out
+
+
+def _compare_poisoning(pool: Pooler, line: dict, ref: dict, other: dict, retrains: bool, both_ok: bool) -> None:
+    """The crop yield at k and the recall of the attacker's detector at round 0, each side's rate
+    and the reference minus the other (a paired bootstrap over the photos both were measured on)."""
+    line["crop_yield_reference"], line["crop_yield_other"] = ref["crop_yield"], other["crop_yield"]
+    line["d_crop_yield"] = pool.difference(ref["crop_yield"], other["crop_yield"]) if retrains else None
+    det = ref["attacker_detector"] if ref["attacker_detector"] == other["attacker_detector"] else None
+    line["detector"] = det
+    a, b = (r["detection"].get(f"det_recall_{det}") if det else None for r in (ref, other))
+    line["det_recall_reference"], line["det_recall_other"] = a, b
+    line["d_det_recall"] = pool.difference(a, b) if both_ok else None
 
 
 def summarize(rows: Iterable[dict], metric_columns=None, registry=None, reference_defense: str | None = None) -> dict:
@@ -334,11 +387,14 @@ def summarize(rows: Iterable[dict], metric_columns=None, registry=None, referenc
     Per-model record: model, defense, adaptation, k (last retraining round or None), n_seeds,
     n_errors, status; rates ``sr_mask@0`` and, at k, ``sr_mask@k`` (vs the retrained model),
     ``sr_mask_orig@k``, ``sr_mask_ctrl@k``, ``sr_mask_worst@k``; ``adaptation_gain`` (a paired
-    difference ctrl - own); ``crop_yield`` (mean at k), ``eval_dropped`` / ``eval_total`` (summed
+    difference ctrl - own); ``crop_yield`` (a rate at k), ``detection`` (``{"det_recall_<det>": rate
+    at round 0, ...}`` per detector), ``attacker_detector``, ``eval_dropped`` / ``eval_total`` (summed
     over seeds at k), ``attacker_keeps`` counts; ``metrics`` ``{"<col>@0" | "<col>@k": stat}`` for
     the metric plugins' columns; ``final`` / ``sr_final`` / ``final_basis`` (what the rank uses),
     ``persistence`` and ``rank``.  Overall records pool the models' counts (rates) or average
     their values, and carry ``rank`` (the mean of the per-model ranks) and ``n_models``.
+    Comparison lines add ``d_crop_yield`` and ``d_det_recall`` (the attacker's ``detector``), with
+    each side's rate (``crop_yield_reference`` / ``_other``, ``det_recall_reference`` / ``_other``).
     """
     rows, superseded = dedupe(check_rows(rows))
     columns = shown_columns(rows, metric_columns, registry)
@@ -349,7 +405,8 @@ def summarize(rows: Iterable[dict], metric_columns=None, registry=None, referenc
     errors = sorted(({k: row.get(k) for k in KEY_COLUMNS} for row in rows if not ok(row)),
                     key=lambda r: (str(r["model"]), str(r["defense"]), str(r["adaptation"]), int(r["round"]),
                                    str(r.get("seed"))))
-    per_model = [_model_record(pool, key, grows, columns) for key, grows in groups.items()]
+    dets = detectors(r for r in rows if ok(r))
+    per_model = [_model_record(pool, key, grows, columns, dets) for key, grows in groups.items()]
     by_slot: dict[tuple, dict[str, float]] = defaultdict(dict)
     for rec in per_model:
         if rec["sr_final"] is not None:

@@ -10,7 +10,9 @@ any change here.  The columns come, in this order of preference, from
    for every registered metric.
 
 A declared column that no row fills is left out of the tables (an optional metric that did not
-run shows nothing rather than a column of dashes).
+run shows nothing rather than a column of dashes).  A rate declared with its counts
+(:func:`tsdf_bench.schema.rate_family`: ``crop_yield`` with ``crop_yield_lo`` ... ``crop_yield_photos``)
+is one column: its parts are shown inside it (``rate [lo, hi] (hits/n)``), not beside it.
 """
 from __future__ import annotations
 
@@ -91,8 +93,16 @@ def declared_columns(rows: list[dict], metric_columns=None, registry=None) -> li
         return []
 
 
+def rate_parts(columns: Iterable[str]) -> set[str]:
+    """The count and interval columns of the rates among ``columns`` (a rate is a column whose
+    ``<column>_photos`` is declared too)."""
+    columns = set(columns)
+    return {f"{c}{s}" for c in columns if f"{c}_photos" in columns for s in RATE_SUFFIXES}
+
+
 def shown_columns(rows: list[dict], metric_columns=None, registry=None) -> list[str]:
-    """The declared metric columns that at least one ok row fills."""
+    """The declared metric columns that at least one ok row fills, a rate's parts left out."""
     ok = [r for r in rows if (r.get("status") or "ok") == "ok"]
-    return [c for c in declared_columns(rows, metric_columns, registry)
-            if any(r.get(c) is not None for r in ok)]
+    declared = declared_columns(rows, metric_columns, registry)
+    parts = rate_parts(declared)
+    return [c for c in declared if c not in parts and any(r.get(c) is not None for r in ok)]

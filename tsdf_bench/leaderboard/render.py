@@ -1,7 +1,8 @@
 """Rendering: :func:`.aggregate.summarize`'s records as Markdown, CSV, LaTeX and JSON.
 
-Rates are shown as ``value [lo, hi] n=pairs`` (95% interval), means as ``value ± std`` (std over
-seeds, only with more than one), differences as ``+d [lo, hi]``; CSV and JSON keep the numbers.
+Rates are shown as ``value [lo, hi] (successes/trials)`` (95% interval; ``n=trials`` when only the
+total is known), means as ``value ± std`` (std over seeds, only with more than one), differences
+as ``+d [lo, hi]``; CSV and JSON keep the numbers.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 
 from tabulate import tabulate
 
-from .aggregate import FINAL_RATES, check_rows, dedupe, mean_stat, ok, value
+from .aggregate import FINAL_RATES, Pooler, check_rows, dedupe, detection_rows, detectors, ok, value
 
 MISSING = {"markdown": "—", "latex": "--"}
 PM = {"markdown": " ± ", "latex": r" $\pm$ "}
@@ -28,7 +29,7 @@ def fmt_number(v: float | None, missing: str = "—", sign: bool = False) -> str
 
 
 def fmt_stat(stat, missing: str = "—", pm: str = " ± ") -> str:
-    """One cell: a rate ``0.420 [0.300, 0.550] n=120``, a mean ``0.800 ± 0.014``, a difference
+    """One cell: a rate ``0.420 [0.300, 0.550] (50/120)``, a mean ``0.800 ± 0.014``, a difference
     ``+0.100 [-0.020, +0.210]`` (rates and differences: 3 decimals), or a plain number."""
     if stat is None:
         return missing
@@ -41,7 +42,9 @@ def fmt_stat(stat, missing: str = "—", pm: str = " ± ") -> str:
         text = f"{v:.3f}"
         if stat.get("lo") is not None:
             text += f" [{stat['lo']:.3f}, {stat['hi']:.3f}]"
-        if stat.get("pairs") is not None:
+        if stat.get("successes") is not None and stat.get("pairs") is not None:
+            text += f" ({stat['successes']}/{stat['pairs']})"
+        elif stat.get("pairs") is not None:
             text += f" n={stat['pairs']}"
         return text
     if kind == "diff":
@@ -71,6 +74,21 @@ def _excludes(d, missing):
     if d is None or d.get("lo") is None:
         return missing
     return "yes" if d["excludes_zero"] else "no"
+
+
+def _counted_diff(d, a, b, missing, label=None) -> str:
+    """A difference with both sides' counts: ``+0.100 [-0.020, +0.210] (40/72 vs 33/72)``."""
+    if d is None:
+        return missing
+    text = fmt_stat(d, missing)
+    if all(s and s.get("successes") is not None for s in (a, b)):
+        text += f" ({a['successes']}/{a['pairs']} vs {b['successes']}/{b['pairs']})"
+    return f"{label}: {text}" if label else text
+
+
+def _table_rate(stat, missing="—") -> str:
+    """A rate with its interval and count; a mean of old rows (no counts) as its bare value."""
+    return fmt_stat(stat, missing) if stat and stat.get("kind") == "rate" else fmt_number(value(stat), missing)
 
 
 # -- tables (headers, body) ----------------------------------------------------------------
@@ -117,36 +135,43 @@ def metrics_table(records: list[dict], columns: list[str], missing="—", pm=" �
 
 def comparison_table(lines: list[dict], missing="—", text=str):
     headers = ["Model", "Adaptation", "Defense", "Δ final SR", "SR excl. 0", "Δ persistence", "Persistence excl. 0",
-               "Photos", "Status"]
+               "Photos", "Δ crop yield@k", "Crop yield excl. 0", "Δ attacker's recall@0", "Recall excl. 0", "Status"]
     body = []
     for c in lines:
         photos = next((d["photos"] for d in (c["d_sr_final"], c["d_persistence"]) if d and d.get("photos")), None)
         body.append([text(c["model"]), text(c["adaptation"]), text(c["defense"]),
                      text(fmt_stat(c["d_sr_final"], missing)), _excludes(c["d_sr_final"], missing),
                      text(fmt_stat(c["d_persistence"], missing)), _excludes(c["d_persistence"], missing),
-                     missing if photos is None else str(photos), text(c["status"])])
+                     missing if photos is None else str(photos),
+                     text(_counted_diff(c.get("d_crop_yield"), c.get("crop_yield_reference"), c.get("crop_yield_other"),
+                                        missing)), _excludes(c.get("d_crop_yield"), missing),
+                     text(_counted_diff(c.get("d_det_recall"), c.get("det_recall_reference"), c.get("det_recall_other"),
+                                        missing, c.get("detector"))), _excludes(c.get("d_det_recall"), missing),
+                     text(c["status"])])
     return headers, body
 
 
 def detection_table(rows) -> tuple[list[str], list[list[str]]]:
     """Poisoning at a glance: per defense, each detector's recall and F1 on the protected eval
-    images (round-0 rows; detection does not depend on the model, so rows are averaged), and the
-    attacker's crop yield after retraining (mean over models)."""
+    images and the attacker's crop yield after retraining, as rates ``value [lo, hi] (hits/trials)``.
+    Detection does not depend on the model: one round-0 row per seed, seeds pooled (face boxes,
+    bootstrap over source photos).  The crop yield pools every model's and seed's collected photos
+    at the last round.  Rows without counts (older runs) give the bare mean."""
     rows = [r for r in dedupe(check_rows(rows))[0] if ok(r)]
-    detectors = sorted({k[len("det_recall_"):] for r in rows for k in r
-                        if k.startswith("det_recall_") and not k.startswith("det_recall_paper_")})
-    headers = ["Defense"] + [f"{kind} {d}" for d in detectors for kind in ("Recall", "F1")] + ["Crop yield@k"]
-    body = []
+    dets = detectors(rows)
+    headers = ["Defense"] + [f"{kind} {d}" for d in dets for kind in ("Recall", "F1")] + ["Crop yield@k"]
+    body, pool = [], Pooler()
+    per_seed = detection_rows(rows)
     for defense in sorted({str(r["defense"]) for r in rows}):
         mine = [r for r in rows if str(r["defense"]) == defense]
-        r0 = [r for r in mine if int(r["round"]) == 0]
+        r0 = [r for r in per_seed if str(r["defense"]) == defense]
         line = [defense]
-        for d in detectors:
+        for d in dets:
             for key in (f"det_recall_{d}", f"det_f1_{d}"):
-                line.append(fmt_number(value(mean_stat(r.get(key) for r in r0))))
+                line.append(_table_rate(pool.column(r0, key)))
         kmax = max((int(r["round"]) for r in mine), default=0)
-        yields = [r.get("crop_yield") for r in mine if kmax > 0 and int(r["round"]) == kmax]
-        line.append(fmt_number(value(mean_stat(yields))))
+        at_k = [r for r in mine if kmax > 0 and int(r["round"]) == kmax]
+        line.append(_table_rate(pool.column(at_k, "crop_yield")))
         body.append(line)
     return headers, body
 
@@ -256,14 +281,14 @@ def render_latex(summary, header, rules: str, only_comparison: bool = False, row
 
 
 # -- CSV and JSON (numbers) ----------------------------------------------------------------
-STAT_PARTS = ("", "_lo", "_hi", "_pairs", "_std")
+STAT_PARTS = ("", "_lo", "_hi", "_hits", "_pairs", "_std")
 
 
 def _stat_fields(line: dict, key: str, stat) -> None:
     stat = stat or {}
     line[key] = stat.get("value")
     line[f"{key}_lo"], line[f"{key}_hi"] = stat.get("lo"), stat.get("hi")
-    line[f"{key}_pairs"] = stat.get("pairs")
+    line[f"{key}_hits"], line[f"{key}_pairs"] = stat.get("successes"), stat.get("pairs")
     line[f"{key}_std"] = stat.get("std")
 
 
@@ -294,7 +319,10 @@ def summary_lines(summary, header) -> list[dict]:
             _stat_fields(line, key, rec.get(key))
         gain = rec.get("adaptation_gain") or {}
         line["adaptation_gain_excludes_zero"] = gain.get("excludes_zero") if gain.get("lo") is not None else None
-        line.update(eval_dropped=rec.get("eval_dropped"), eval_total=rec.get("eval_total"))
+        line.update(eval_dropped=rec.get("eval_dropped"), eval_total=rec.get("eval_total"),
+                    attacker_detector=rec.get("attacker_detector"))
+        for key, stat in (rec.get("detection") or {}).items():  # per detector, round 0
+            _stat_fields(line, f"{key}@0", stat)
         for c in summary["columns"]:
             for suffix in ("@0", "@k"):
                 _stat_fields(line, c + suffix, rec["metrics"].get(c + suffix))
@@ -310,11 +338,15 @@ def comparison_lines(summary, header) -> list[dict]:
     for c in summary["comparison"]:
         line = {k: c[k] for k in ("model", "adaptation", "reference", "defense", "k", "basis", "sr_final_reference",
                                   "sr_final_other", "persistence_reference", "persistence_other")}
-        for key in ("d_sr_final", "d_persistence"):
-            d = c[key] or {}
+        for key in ("d_sr_final", "d_persistence", "d_crop_yield", "d_det_recall"):
+            d = c.get(key) or {}
             line.update({key: d.get("value"), f"{key}_lo": d.get("lo"), f"{key}_hi": d.get("hi"),
                          f"{key}_excludes_zero": d.get("excludes_zero") if d.get("lo") is not None else None,
                          f"{key}_photos": d.get("photos")})
+        line["detector"] = c.get("detector")
+        for key in ("crop_yield_reference", "crop_yield_other", "det_recall_reference", "det_recall_other"):
+            _stat_fields(line, key, c.get(key))
+            line.pop(f"{key}_std")
         line.update(status=c["status"], **_header_fields(header))
         lines.append(line)
     return lines

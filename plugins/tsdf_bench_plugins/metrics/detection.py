@@ -15,6 +15,13 @@ IoU (>= the threshold); precision and recall are averaged over the images (and, 
 ``det_f1_paper``, over the detectors too) and F1 is the harmonic mean of the averages (0 when both
 are 0).  It differs from ours: an image that loses its face counts as precision 1, and a
 detector's F1 is not the F1 of its pooled counts.
+
+Ours are rates with counts, stored like the forgery rates (:func:`tsdf_bench.schema.rate_family`:
+``det_recall_<det>_hits`` / ``_n``, ``_lo`` / ``_hi``, ``_photos``): recall is true positives of
+the clean face boxes, precision true positives of the protected boxes, F1 ``2TP`` of
+``2TP + FP + FN``.  The unit is a face box on an image; the views of one source photo are not
+independent, so the 95% interval is a bootstrap over source photos (``EvalBatch.eval_photos``;
+without them, over images).
 """
 from __future__ import annotations
 
@@ -23,15 +30,34 @@ from typing import Sequence
 from tsdf_bench.errors import TsdfBenchError
 from tsdf_bench.metrics import (DET_IOU_THRESHOLD, DET_SCORE_THRESHOLD, EvalBatch, Metric, box_iou,
                                 detection_scores)
+from tsdf_bench.schema import rate_family
+from tsdf_bench.stats import rate_columns, trial_counts
 
 PER_DETECTOR = (("det_precision", "precision"), ("det_recall", "recall"), ("det_f1", "f1"), ("duq", "duq"),
                 ("det_conf_change", "conf_change"), ("det_count_change", "count_change"),
                 ("det_precision_paper", "precision_paper"), ("det_recall_paper", "recall_paper"),
                 ("det_f1_paper", "f1_paper"))
+#: The per-detector columns that are rates with counts (hits, trials) per image.
+RATES = {"det_precision": lambda tp, fp, fn, n: (tp, tp + fp), "det_recall": lambda tp, fp, fn, n: (tp, n),
+         "det_f1": lambda tp, fp, fn, n: (2 * tp, 2 * tp + fp + fn)}
 
 
 def _f1(precision: float, recall: float) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def rate_counts(clean: Sequence, protected: Sequence, photos: Sequence, *, score_threshold: float = DET_SCORE_THRESHOLD,
+                iou_threshold: float = DET_IOU_THRESHOLD) -> dict[str, dict]:
+    """``{"det_precision" | "det_recall" | "det_f1": {photo: [hits, trials]}}`` of one detector:
+    each image matched on its own (as :func:`~tsdf_bench.metrics.detection_scores` matches them),
+    its counts added to its source photo's."""
+    per_image = [detection_scores([c], [p], score_threshold=score_threshold, iou_threshold=iou_threshold)
+                 for c, p in zip(clean, protected)]
+    out = {}
+    for column, counts in RATES.items():
+        pairs = [counts(int(s["tp"]), int(s["fp"]), int(s["fn"]), int(s["n_clean"])) for s in per_image]
+        out[column] = trial_counts([h for h, _ in pairs], [n for _, n in pairs], photos)
+    return out
 
 
 def paper_detection_scores(clean: Sequence, protected: Sequence, *, score_threshold: float = DET_SCORE_THRESHOLD,
@@ -76,6 +102,7 @@ class DetectionMetric(Metric):
     """
 
     name = "detection"
+    needs = ("detections_clean", "detections_protected", "eval_photos")  # no image: nothing per eval photo kept
 
     def __init__(self, score_threshold: float = DET_SCORE_THRESHOLD, iou_threshold: float = DET_IOU_THRESHOLD,
                  detectors: Sequence[str] | None = None):
@@ -86,7 +113,9 @@ class DetectionMetric(Metric):
 
     @staticmethod
     def detector_columns(detector: str) -> tuple[str, ...]:
-        return tuple(f"{prefix}_{detector}" for prefix, _ in PER_DETECTOR)
+        """Every column of one detector: :data:`PER_DETECTOR`, the :data:`RATES` with their counts."""
+        return tuple(c for prefix, _ in PER_DETECTOR
+                     for c in (rate_family(f"{prefix}_{detector}") if prefix in RATES else (f"{prefix}_{detector}",)))
 
     def _names(self, batch: EvalBatch | None) -> list[str]:
         if self.detectors is not None:
@@ -106,6 +135,7 @@ class DetectionMetric(Metric):
         names = self._names(batch)
         out: dict[str, float | None] = {}
         f1s, all_p, all_r = [], [], []
+        photos = batch.eval_photos
         for det in names:
             if det not in batch.detections_clean or det not in batch.detections_protected:
                 raise TsdfBenchError(f"detection metric: detector {det!r} has no detections in this batch; "
@@ -115,6 +145,15 @@ class DetectionMetric(Metric):
             paper = paper_detection_scores(batch.detections_clean[det], batch.detections_protected[det],
                                            score_threshold=self.score_threshold, iou_threshold=self.iou_threshold)
             s = {**s, **paper}
+            n_images = len(batch.detections_clean[det])
+            units = [str(i) for i in range(n_images)] if photos is None else list(photos)
+            if len(units) != n_images:
+                raise TsdfBenchError(f"detection metric: {n_images} images of detector {det!r} but "
+                                     f"{len(units)} eval_photos; give one source photo per image")
+            for column, counts in rate_counts(batch.detections_clean[det], batch.detections_protected[det], units,
+                                              score_threshold=self.score_threshold,
+                                              iou_threshold=self.iou_threshold).items():
+                out.update(rate_columns(f"{column}_{det}", counts))
             all_p.extend(paper["precisions"])
             all_r.extend(paper["recalls"])
             for column, key in PER_DETECTOR:
