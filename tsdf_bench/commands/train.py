@@ -125,6 +125,10 @@ def _export(model, path, out_dir, seed):
         raise TsdfBenchError(f"{path} holds no discriminator; retrain the model before exporting it")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     probe = prepare_images(load_embedded(image_size=128, n_eval=24, seed=seed).eval.images, model.image_size)
-    info = shipped.export(model, d, checkpoints.read_manifest(path), out_dir, probe)
+    from ..models.curve import curve_path, read_curve
+
+    manifest = checkpoints.read_manifest(path)
+    curve = [p for p in read_curve(curve_path(model.name, model.scale, seed)) if p["steps"] <= manifest.get("steps", 0)]
+    info = shipped.export(model, d, manifest, out_dir, probe, curve=curve)
     print(f"{model.name}: exported {info['weights']} ({Path(out_dir, info['weights']).stat().st_size / 1e6:.2f} MB, "
           f"float16 D output change {info['d_change']:.1e})")

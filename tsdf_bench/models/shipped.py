@@ -39,7 +39,7 @@ from . import checkpoints
 MAX_BYTES = 5_000_000  # the issue's limit per shipped file
 D_DTYPE = torch.float16
 # the largest change of the float16 discriminator's outputs, relative to the largest float32 output
-D_TOLERANCE = 1e-2
+D_TOLERANCE = 1e-3
 # the request fields a shipped checkpoint must match to be used (data_hash is checked apart: a
 # mismatch there is a refusal, not "another recipe")
 MATCH_KEYS = ("config", "steps", "seed", "recipe")
@@ -114,10 +114,12 @@ def d_change(discriminator, probe: torch.Tensor) -> float:
     return float((flat(rounded) - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
 
 
-def export(model, discriminator, manifest: dict, out_dir, probe: torch.Tensor) -> dict:
+def export(model, discriminator, manifest: dict, out_dir, probe: torch.Tensor, curve: list | None = None) -> dict:
     """Write ``model`` (float32) and ``discriminator`` (float16) as a shipped checkpoint into
     ``out_dir``, with ``manifest`` (the cache manifest it was trained under) extended as the
-    module docstring says; ``probe`` is a batch of held-out photos at the model's size."""
+    module docstring says; ``probe`` is a batch of held-out photos at the model's size; ``curve``
+    (:mod:`tsdf_bench.models.curve` points, when it was trained in increments) goes into the
+    manifest with the total training time."""
     import copy
 
     change = d_change(discriminator, probe)
@@ -130,6 +132,9 @@ def export(model, discriminator, manifest: dict, out_dir, probe: torch.Tensor) -
                  d_dtype=str(D_DTYPE).replace("torch.", ""), d_change=change, d_tolerance=D_TOLERANCE,
                  cpu=manifest.get("cpu") or cpu_name(), reproducible=REPRODUCIBLE,
                  trained_with_versions=manifest.get("versions"))
+    if curve:
+        extra.update(curve=curve, train_seconds=round(sum(p.get("train_s") or 0 for p in curve), 1),
+                     train_seconds_note="the sum of the curve's increments (each resumed the same run)")
     info = checkpoints.save_model(model, out, copy.deepcopy(discriminator).to(D_DTYPE), manifest=extra)
     size = out.stat().st_size
     if size > MAX_BYTES:
