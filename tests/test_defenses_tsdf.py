@@ -169,3 +169,34 @@ def test_poisoning_lowers_a_confident_detectors_face_scores(world):
     before, after = face_score(torch.zeros(1, 3, 16, 16)), face_score(d.perturbation)
     assert before > 0.99
     assert before - after > 3 * abs(before - face_score(noise))
+
+
+# -- stage 1 against the official code's loop structure (issue 14, item 4) -----------------------------
+@pytest.mark.parametrize("max_targets", [None, 2])
+def test_stage1_is_bit_identical_to_the_official_structure_loop(max_targets):
+    """Stage 1 (each encoder once per clean batch, input gradients only) gives the perturbation of
+    the reference loop in the release's structure (clean features recomputed at every feature step,
+    clean forgeries per target, weights requiring grad: ``tests/official_loops.py``) bit for bit,
+    over two passes of two batches with input diversity."""
+    from official_loops import official_tsdf_stage1
+
+    x, a = toy_images(4, 16, seed=2), toy_attrs(4, seed=2)
+    models = [ToyGAN("m1", seed=1), ToyGAN("m2", seed=2)]
+    opts = dict(poisoning=False, passes=2, batch_size=2, feature_steps=2, step=0.005, seed=3,
+                max_targets=max_targets)
+    ours = TSDF(**opts).fit(x, a, models, [])
+    reference = official_tsdf_stage1(TSDF(**opts), [ToyGAN("m1", seed=1), ToyGAN("m2", seed=2)], x, a)
+    assert torch.equal(ours.perturbation, reference)
+
+
+def test_stage1_runs_each_encoder_once_on_the_clean_batch():
+    """Per batch and model: one clean encoder pass (the channel sums of the clean features are taken
+    from the per-model features, not from a second pass), one per feature step, one at the
+    end-to-end step."""
+    x, a = toy_images(4, 16), toy_attrs(4)
+    models = [ToyGAN("m1", seed=1), ToyGAN("m2", seed=2)]
+    calls = []
+    for m in models:
+        m.encode = (lambda f, name: lambda z: calls.append(name) or f(z))(m.encode, m.name)
+    TSDF(poisoning=False, passes=1, batch_size=2, feature_steps=3).fit(x, a, models, [])
+    assert calls.count("m1") == calls.count("m2") == 2 * (1 + 3 + 1)  # 2 batches

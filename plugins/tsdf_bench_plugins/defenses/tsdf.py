@@ -207,9 +207,9 @@ class TSDF(UniversalDefense):
             for sl in batches(x.shape[0], self.batch_size):
                 xb = x[sl]
                 ab = slice_attrs(attrs, sl)
-                with torch.no_grad():
-                    clean_sum = ensemble_features(models, xb, fs)
+                with torch.no_grad():  # each encoder runs once on the clean batch
                     clean_feat = [resized_features(m, xb, fs) for m in models]
+                    clean_sum = torch.cat([f.sum(1, keepdim=True) for f in clean_feat], dim=1)  # ensemble_features
                     clean_out = [model_outputs(m, xb, ab, self.max_targets, self.targets) for m in models]
                 for _ in range(self.feature_steps):
                     w.requires_grad_(True)
