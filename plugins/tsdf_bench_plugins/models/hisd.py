@@ -124,7 +124,6 @@ CONFIGS = {
 # --------------------------------------------------------------------------------------
 # the plugin
 # --------------------------------------------------------------------------------------
-WEIGHTS = Path(__file__).with_name("weights")  # the shipped demo checkpoints (package data)
 
 
 class HiSD(DeepfakeModel):
@@ -149,7 +148,6 @@ class HiSD(DeepfakeModel):
 
     # the demo-scale training schedule (tsdf_bench.models.zoo.get_model; train() keyword arguments
     # plus "steps"); measured in docs/model-card.md
-    demo_weights_dir = WEIGHTS  # shipped demo checkpoints (tsdf_bench.models.shipped)
     demo_recipe = dict(steps=80, batch_size=8, lr=1e-4, lr_d=5e-4, betas=(0.9, 0.99), recon_warmup_steps=250,
                        recon_lr=4e-3, reg_every=4)
 
