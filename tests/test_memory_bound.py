@@ -1,10 +1,9 @@
-"""Bounded memory and phase durations: the clean-forgery cache within its byte budget (one model at
-a time when a model's forgeries exceed it), the
-controls one seed at a time, rows do not depend on either bound, and the log has one line per
-finished phase with its seconds."""
+"""Bounded memory and phase durations: the clean-forgery cache within its byte budget (a model's
+forgeries over it on disk, one model at a time), the controls one seed at a time, rows do not
+depend on either bound, and the log has one line per finished phase with its seconds.  The
+measurement in batches of eval photos (rows equal to whole tensors', the largest tensor bounded
+whatever n_eval): tests/test_streaming.py."""
 import re
-
-import torch
 
 from test_runner import CONFIG, fake_registry, make_config, run
 
@@ -31,7 +30,7 @@ def test_rows_are_identical_with_and_without_the_bound(tmp_path, monkeypatch):
     monkeypatch.setattr(MeasureMixin, "clean_reference", spy)
     monkeypatch.setattr(MeasureMixin, "clean_cache_bytes", 0)  # as at paper scale: every model is over it
     bounded = run(tmp_path / "bounded").rows
-    assert sizes and max(sizes) == 1  # one model's clean forgeries at a time
+    assert sizes and max(sizes) == 1  # one model's clean forgeries at a time (on disk)
     sizes.clear()
     monkeypatch.setattr(MeasureMixin, "clean_cache_bytes", 1 << 30)  # the default: this tiny run fits
     default = run(tmp_path / "default").rows
@@ -80,43 +79,6 @@ def test_the_log_has_one_line_per_finished_phase_and_metrics_s_is_the_metrics_on
         assert {"generate_s", "detect_s", "metrics_s", "fit_s", "protect_s"} <= set(t)
         if r["round"] > 0:
             assert {"control_s", "control_measure_s", "adapt_s", "prep_s"} <= set(t)
-
-
-def test_streamed_forging_and_scoring_give_the_rows_of_whole_tensors(tmp_path, monkeypatch):
-    """Forgeries written batch by batch into one tensor, the persistence forgeries scored batch by
-    batch, SR_mask's masks per batch: the same rows as whole tensors (the code before the bound)."""
-    from tsdf_bench.metrics import MASK_THRESHOLD, SUCCESS_THRESHOLD, edit_mask, l2_mask
-
-    monkeypatch.setattr(MeasureMixin, "clean_cache_bytes", 0)
-    streamed = run(tmp_path / "streamed").rows
-
-    from tsdf_bench import speed
-    from tsdf_bench.harness.data import select_attrs, to_size
-    from tsdf_bench.harness.state import _seed
-
-    def whole(self, model, images, attrs, seed_keys):  # the whole-tensor generation the stream replaced
-        x = to_size(images, model.image_size)
-        a = select_attrs(attrs, self.data.attr_names, model.attributes, model.name)
-        _seed(*seed_keys)
-        generate = getattr(model, "generate_targets", None) or model.generate_all
-        with torch.no_grad(), speed.autocast(self.device, self.optimize):
-            return torch.cat([generate(x[s].to(self.device), a[s].to(self.device)).float().cpu()
-                              for s in self._batches(x.shape[0])])
-
-    def whole_stream(self, model, images, attrs, seed_keys):
-        yield slice(0, images.shape[0]), whole(self, model, images, attrs, seed_keys)
-
-    def whole_scores(self, fake_prot, reference, x):
-        l2 = l2_mask(fake_prot, reference, edit_mask(reference, x, MASK_THRESHOLD))
-        return l2, l2 > SUCCESS_THRESHOLD
-
-    monkeypatch.setattr(MeasureMixin, "_forge", whole)
-    monkeypatch.setattr(MeasureMixin, "_forge_stream", whole_stream)
-    monkeypatch.setattr(MeasureMixin, "_pair_scores", whole_scores)
-    monkeypatch.setattr(MeasureMixin, "clean_cache_bytes", None)
-    whole = run(tmp_path / "whole").rows
-    assert len(streamed) == len(whole) > 0
-    assert _strip(streamed) == _strip(whole)
 
 
 def test_protected_caches_of_finished_defenses_are_deleted(tmp_path, monkeypatch):

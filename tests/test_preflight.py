@@ -194,18 +194,31 @@ def load_config_text(folder, text):
 
 def test_estimate_follows_tensor_sizes():
     """The paper grid's figures of issue 13: AttGAN's clean forgeries of 1,000 eval images at 256 px
-    (14 targets) are ~11 GB; the protected-image cache of 3 seeds x 7 defenses ~99 GB."""
+    (14 targets) are ~11 GB, kept on disk; the cell being measured holds one batch of forgeries;
+    the protected-image cache of 3 seeds x 7 defenses ~99 GB."""
+    from tsdf_bench.harness.estimate import MEASURE_BATCH_COPIES, PAIR_BYTES, measuring_plan
+
     cfg = load_config("configs/paper.toml")
+    plan = measuring_plan(cfg, get_registry())
+    assert plan == {"whole_metrics": [], "purifying": []}  # the paper's metrics stream; retrain does not purify
     models = {"attgan": {"targets": 14, "image_size": 256, "g_bytes": 4 * 43_350_000, "d_bytes": 0},
               "stargan": {"targets": 5, "image_size": 256, "g_bytes": 4 * 8_430_000, "d_bytes": 0}}
     n = {"fit": 128, "collect": 5000, "eval": 1000}
-    est = estimate(cfg, models, n)
+    est = estimate(cfg, models, n, plan)
     img = 3 * 256 * 256 * 4
-    # one model's clean forgeries at a time (each is over the cache's 1 GB budget; AttGAN's is the
-    # largest), and the cell being measured
-    assert est["ram_parts"]["clean_forgeries"] == 1000 * 14 * img
-    assert est["ram_parts"]["measurement"] == 11 * 1000 * 14 * img  # paper.toml runs the forgery metric
+    # each model's clean forgeries are over the cache's 1 GB budget: on disk, the current model's
+    # (AttGAN's is the largest), none in memory
+    assert est["ram_parts"]["clean_forgeries"] == 0
+    assert est["disk_parts"]["clean_forgeries"] == 1000 * 14 * img
     assert 11.0e9 < 1000 * 14 * img < 11.1e9
+    # the cell being measured: batches of 16 (17 with a last photo joined), whatever n_eval
+    batch = MEASURE_BATCH_COPIES * 17 * 14 * img
+    assert est["ram_parts"]["measurement"] == batch + 1000 * 14 * PAIR_BYTES
+    more = estimate(cfg, models, {**n, "eval": 4000}, plan)
+    assert more["ram_parts"]["measurement"] - batch == 4000 * 14 * PAIR_BYTES  # per pair, a few bytes
+    # a metric that needs whole tensors brings them back (and says so)
+    whole = estimate(cfg, models, n, {"whole_metrics": ["x"], "purifying": []})
+    assert whole["ram_parts"]["measurement"] > est["ram_parts"]["measurement"] + 4 * 1000 * 14 * img
     # controls: one per model for the current seed (rounds = 1, one retraining adaptation)
     assert est["ram_parts"]["controls"] == 4 * (43_350_000 + 8_430_000)
     # the disk holds one defense and seed's protected images (finished groups are deleted)...
@@ -214,6 +227,27 @@ def test_estimate_follows_tensor_sizes():
     assert est["protected_cache_worst"] == 3 * 7 * 6000 * img
     assert 99e9 < est["protected_cache_worst"] < 100e9
     assert est["ram_bytes"] == sum(est["ram_parts"].values())
+
+
+def test_clean_cache_plan_follows_the_budget_rule():
+    """Entries within the budget stay in memory (oldest dropped first), larger ones on disk, the
+    current model's only; a purifying adaptation has its own entries, with copies of the inputs."""
+    from tsdf_bench.harness.estimate import _clean_cache_peaks
+    from tsdf_bench.harness.measure import MeasureMixin
+
+    gb = 1 << 30
+    assert MeasureMixin.clean_cache_bytes == gb
+    assert _clean_cache_peaks([("a", gb // 4), ("b", gb // 2)]) == (3 * gb // 4, 0)
+    assert _clean_cache_peaks([("a", gb // 2), ("b", gb // 2), ("c", gb // 2)]) == (gb, 0)
+    assert _clean_cache_peaks([("a", 3 * gb), ("a", 2 * gb), ("b", 4 * gb), ("c", gb // 2)]) == (gb // 2, 5 * gb)
+    cfg = load_config("configs/paper.toml")
+    models = {"m": {"targets": 2, "image_size": 128, "g_bytes": 0, "d_bytes": 0}}
+    n = {"fit": 1, "collect": 1, "eval": 100}
+    plain = estimate(cfg, models, n, {"whole_metrics": [], "purifying": []})
+    purified = estimate(cfg, models, n, {"whole_metrics": [], "purifying": ["retrain"]})
+    x, f = 100 * 3 * 128 * 128 * 4, 2 * 100 * 3 * 128 * 128 * 4
+    assert plain["ram_parts"]["clean_forgeries"] == f + x  # resized from the data's 256 px: a copy
+    assert purified["ram_parts"]["measurement"] == plain["ram_parts"]["measurement"]  # both copy their inputs
 
 
 def test_run_stops_at_preflight_before_any_work_and_leaves_no_run(setup):

@@ -82,17 +82,47 @@ class Metric:
     ``columns`` names every column the metric can write (keys of ``compute``'s result are a
     subset; a value is ``None`` when the batch lacks what the metric needs).  Metrics whose
     columns depend on the batch (one set per detector) override :meth:`columns_for`.
+
+    The harness measures a cell in batches of eval photos (:mod:`tsdf_bench.metric_streaming`).
+    A metric that overrides :meth:`update` and :meth:`finish` (and :meth:`start` for its state)
+    streams: it sees each batch once and keeps what it needs of it; its :meth:`compute` of one
+    batch is then start, update, finish.  A metric that overrides only :meth:`compute` gets the
+    cell's batches concatenated into one, limited to the fields in :attr:`needs`.
     """
 
     name: str = ""
     columns: tuple[str, ...] = ()
+    #: The EvalBatch fields :meth:`compute` reads when the metric does not stream (None: every
+    #: field).  Only these are kept across a cell's batches for it.
+    needs: tuple[str, ...] | None = None
 
     def columns_for(self, batch: EvalBatch) -> tuple[str, ...]:
         """The columns :meth:`compute` fills for this batch (default: :attr:`columns`)."""
         return tuple(self.columns)
 
     def compute(self, batch: EvalBatch) -> dict[str, float | None]:
-        raise NotImplementedError
+        """The columns of one whole batch; a streaming metric's default: start, update, finish."""
+        if type(self).update is Metric.update:
+            raise NotImplementedError(f"metric {self.name or type(self).__name__!r} implements neither "
+                                      "compute(batch) nor update(state, batch) / finish(state)")
+        state = self.start()
+        self.update(state, batch)
+        return self.finish(state)
+
+    def start(self):
+        """A new state for one cell (default: a :class:`~tsdf_bench.metric_streaming.WholeBatch`
+        of :attr:`needs`, for a metric that implements only :meth:`compute`)."""
+        from .metric_streaming import WholeBatch
+
+        return WholeBatch(self.needs)
+
+    def update(self, state, batch: EvalBatch) -> None:
+        """Take one batch of the cell's eval photos into ``state`` (default: keep it for :meth:`finish`)."""
+        state.add(batch)
+
+    def finish(self, state) -> dict[str, float | None]:
+        """The cell's columns from ``state`` (default: :meth:`compute` of the combined batch)."""
+        return self.compute(state.batch())
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -164,12 +194,29 @@ def mse_unmasked(fake_protected: Tensor, fake_clean: Tensor) -> Tensor:
     return ((fp - fc) ** 2).flatten(2).mean(-1).double()
 
 
+def drift_pair_sums(fake_retrained: Tensor, fake_original: Tensor) -> Tensor:
+    """Per (image, target) pair: the sum of squared differences between two models' forgeries,
+    float64 ``[N, T]`` (the pieces of :func:`clean_drift`, which add up batch by batch)."""
+    a, b = _pairs(fake_retrained, "fake_retrained"), _pairs(fake_original, "fake_original")
+    _same_shape(a, b, "clean_drift")
+    return ((a - b) ** 2).flatten(2).sum(-1, dtype=torch.float64)
+
+
+def drift_from_sums(pair_sums: Tensor, values_per_pair: int) -> float | None:
+    """:func:`clean_drift` from the :func:`drift_pair_sums` of every pair (in any grouping: the sum
+    is exactly rounded, ``math.fsum``); None when there are none."""
+    if not pair_sums.numel() or not values_per_pair:
+        return None
+    return math.fsum(pair_sums.flatten().tolist()) / (pair_sums.numel() * values_per_pair)
+
+
 def clean_drift(fake_retrained: Tensor, fake_original: Tensor) -> float | None:
     """How far retraining moved a model: the mean squared difference, on [-1, 1], between its clean
     forgeries and the original model's of the same inputs (``retrained_clean_mse``); None when
-    there are none."""
-    _same_shape(fake_retrained, fake_original, "clean_drift")
-    return float(((fake_retrained - fake_original) ** 2).mean()) if fake_original.numel() else None
+    there are none.  Each pair's squared differences are summed in float64 and the pairs' sums
+    exactly (``math.fsum``), so the value does not depend on how the pairs are batched."""
+    sums = drift_pair_sums(fake_retrained, fake_original)
+    return drift_from_sums(sums, math.prod(_pairs(fake_original, "fake_original").shape[2:]))
 
 
 def sr_ruiz(mse_values: Tensor, threshold: float = SUCCESS_THRESHOLD) -> float | None:
@@ -215,34 +262,67 @@ def ssim_pairs(a: Tensor, b: Tensor, win_size: int = 3) -> np.ndarray:
                        for x, y in zip(xa, xb)], dtype=np.float64)
 
 
-def forgery_scores(fake_protected: Tensor, fake_clean: Tensor, clean: Tensor, *,
-                   mask_threshold: float = MASK_THRESHOLD, success_threshold: float = SUCCESS_THRESHOLD,
-                   ssim_win_size: int = 3) -> dict[str, float | None]:
-    """All interruption columns: l2_mask, sr_mask, l2 (Ruiz MSE), sr_ruiz, psnr_out, ssim_out."""
+def forgery_pair_values(fake_protected: Tensor, fake_clean: Tensor, clean: Tensor, *,
+                        mask_threshold: float = MASK_THRESHOLD, ssim_win_size: int = 3) -> dict:
+    """The interruption values of each (image, target) pair: ``l2_mask`` and ``l2`` (float64
+    ``[N, T]``), ``psnr_out`` and ``ssim_out`` (arrays of ``N * T``, pairs in row-major order).
+    Each pair's values are its own: the values of a batch of images are those rows of the whole's."""
     mask = edit_mask(fake_clean, clean, mask_threshold)
     l2m = l2_mask(fake_protected, fake_clean, mask)
-    mse = mse_unmasked(fake_protected, fake_clean)
+    del mask
+    return {"l2_mask": l2m, "l2": mse_unmasked(fake_protected, fake_clean),
+            "psnr_out": psnr_pairs(fake_protected, fake_clean),
+            "ssim_out": ssim_pairs(fake_protected, fake_clean, ssim_win_size)}
+
+
+def forgery_summary(values: dict, *, success_threshold: float = SUCCESS_THRESHOLD) -> dict[str, float | None]:
+    """The interruption columns from :func:`forgery_pair_values` (of a whole cell, or its batches'
+    concatenated in photo order): l2_mask, sr_mask, l2 (Ruiz MSE), sr_ruiz, psnr_out, ssim_out."""
+    l2m, mse = values["l2_mask"], values["l2"]
     return {
         "l2_mask": _mean_or_none(l2m.flatten().tolist()),
         "sr_mask": sr_mask(l2m, success_threshold),
         "l2": _mean_or_none(mse.flatten().tolist()),
         "sr_ruiz": sr_ruiz(mse, success_threshold),
-        "psnr_out": _mean_or_none(psnr_pairs(fake_protected, fake_clean)),
-        "ssim_out": _mean_or_none(ssim_pairs(fake_protected, fake_clean, ssim_win_size)),
+        "psnr_out": _mean_or_none(values["psnr_out"]),
+        "ssim_out": _mean_or_none(values["ssim_out"]),
     }
+
+
+def forgery_scores(fake_protected: Tensor, fake_clean: Tensor, clean: Tensor, *,
+                   mask_threshold: float = MASK_THRESHOLD, success_threshold: float = SUCCESS_THRESHOLD,
+                   ssim_win_size: int = 3) -> dict[str, float | None]:
+    """All interruption columns: l2_mask, sr_mask, l2 (Ruiz MSE), sr_ruiz, psnr_out, ssim_out."""
+    return forgery_summary(forgery_pair_values(fake_protected, fake_clean, clean, mask_threshold=mask_threshold,
+                                               ssim_win_size=ssim_win_size), success_threshold=success_threshold)
 
 
 # -- invisibility ------------------------------------------------------------------------
+def invisibility_image_values(protected: Tensor, clean: Tensor) -> dict:
+    """The invisibility values of each image: ``psnr_in``, ``ssim_in`` (arrays), ``linf`` (max |W|)
+    and ``l2`` (||W||_2, float64 tensors), W = protected - clean on [-1, 1]."""
+    _same_shape(protected, clean, "invisibility")
+    w = (protected - clean).detach().double().flatten(1)
+    empty = w.new_zeros(0)
+    return {"psnr_in": psnr_pairs(protected, clean), "ssim_in": ssim_pairs(protected, clean),
+            "linf": w.abs().amax(dim=1) if w.numel() else empty, "l2": w.norm(dim=1) if w.numel() else empty}
+
+
+def invisibility_summary(values: dict) -> dict[str, float | None]:
+    """psnr_in / ssim_in (x+W vs x on [0, 1]), linf (max |W|) and l2_in (mean per-image ||W||_2)
+    from :func:`invisibility_image_values` (of every image, or its batches' concatenated)."""
+    linf, l2 = values["linf"], values["l2"]
+    return {
+        "psnr_in": _mean_or_none(values["psnr_in"]),
+        "ssim_in": _mean_or_none(values["ssim_in"]),
+        "linf": float(linf.max()) if linf.numel() else None,
+        "l2_in": float(l2.mean()) if l2.numel() else None,
+    }
+
+
 def invisibility_scores(protected: Tensor, clean: Tensor) -> dict[str, float | None]:
     """psnr_in / ssim_in (x+W vs x on [0, 1]), linf (max |W|) and l2_in (mean per-image ||W||_2), W on [-1, 1]."""
-    _same_shape(protected, clean, "invisibility")
-    w = (protected - clean).detach().double()
-    return {
-        "psnr_in": _mean_or_none(psnr_pairs(protected, clean)),
-        "ssim_in": _mean_or_none(ssim_pairs(protected, clean)),
-        "linf": float(w.abs().max()) if w.numel() else None,
-        "l2_in": float(w.flatten(1).norm(dim=1).mean()) if w.numel() else None,
-    }
+    return invisibility_summary(invisibility_image_values(protected, clean))
 
 
 # -- poisoning ---------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from .. import speed
 from ..errors import TsdfBenchError
 
 from .estimate import (FLOAT_BYTES, available_disk, available_memory,  # noqa: F401 - re-exported
-                       estimate)
+                       estimate, measuring_plan)
 
 
 class PreflightError(TsdfBenchError):
@@ -353,9 +353,12 @@ def preflight(cfg, registry, *, output=None, fail_fast: bool = False,
         rec.run("metric", name, lambda name=name: (_create(registry, "metric", name, cfg.metrics.options_for(name)),
                                                     {}, "ok"))
 
-    est = estimate(cfg, models, n)
+    est = estimate(cfg, models, n, measuring_plan(cfg, registry))
     report.estimate = est
     partial = f" (without {', '.join(unsized)}: could not be built)" if unsized else ""
+    whole = est["plan"]["whole_metrics"]
+    if whole:  # their memory grows with n_eval
+        partial += f" (metrics holding whole tensors: {', '.join(whole)})"
     ram = available_memory()
     rec.add("memory", "peak RAM", "warn" if ram is not None and est["ram_bytes"] > ram else "ok",
             f"~{_gb(est['ram_bytes'])} planned{partial} ("

@@ -323,6 +323,7 @@ class Runner(ProtectionMixin, MeasureMixin):
                                 self.run_chain(chain, prot, bar)
         finally:
             bar.close()
+            self.release_clean_cache()  # the clean forgeries kept on disk go with the run
         return summarize(self, cells, todo)
 
 

@@ -7,11 +7,13 @@ identical images: see :mod:`tsdf_bench.metrics`.
 """
 from __future__ import annotations
 
-from tsdf_bench.metrics import MASK_THRESHOLD, SUCCESS_THRESHOLD, EvalBatch, Metric, forgery_scores
+from tsdf_bench.metric_streaming import PairValues
+from tsdf_bench.metrics import (MASK_THRESHOLD, SUCCESS_THRESHOLD, EvalBatch, Metric, forgery_pair_values,
+                                forgery_summary)
 
 
 class ForgeryMetric(Metric):
-    """Interruption of the forgery.
+    """Interruption of the forgery, computed batch by batch (each pair's values kept, not its images).
 
     Args: ``mask_threshold`` (0.5, on the RGB-summed |G(x) - x|), ``success_threshold`` (0.05),
     ``ssim_win_size`` (3).  All columns are ``None`` when the batch carries no forgeries.
@@ -26,9 +28,16 @@ class ForgeryMetric(Metric):
         self.success_threshold = float(success_threshold)
         self.ssim_win_size = int(ssim_win_size)
 
-    def compute(self, batch: EvalBatch) -> dict[str, float | None]:
+    def start(self) -> PairValues:
+        return PairValues()
+
+    def update(self, state: PairValues, batch: EvalBatch) -> None:
         if batch.fake_clean is None or batch.fake_protected is None:
+            return
+        state.add(forgery_pair_values(batch.fake_protected, batch.fake_clean, batch.clean,
+                                      mask_threshold=self.mask_threshold, ssim_win_size=self.ssim_win_size))
+
+    def finish(self, state: PairValues) -> dict[str, float | None]:
+        if not len(state):
             return dict.fromkeys(self.columns)
-        return forgery_scores(batch.fake_protected, batch.fake_clean, batch.clean,
-                              mask_threshold=self.mask_threshold, success_threshold=self.success_threshold,
-                              ssim_win_size=self.ssim_win_size)
+        return forgery_summary(state.values(), success_threshold=self.success_threshold)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from tsdf_bench.errors import ConfigError, TsdfBenchError
+from tsdf_bench.metric_streaming import PairValues
 from tsdf_bench.metrics import EvalBatch, Metric, _pairs
 
 PACKAGE = "face_recognition_models"
@@ -46,7 +47,7 @@ LANDMARK_FILE = "shape_predictor_5_face_landmarks.dat"
 INSTALL_HINT = "pip install dlib-bin face-recognition-models (python3 bootstrap.py installs both)"
 CHIP_SIZE = 150  # the size dlib's ResNet takes
 CHIP_PADDING = 0.25  # dlib's default face-chip padding
-CACHE_SIZE = 8  # embedded batches remembered per metric instance
+CACHE_BYTES = 64 << 20  # embeddings of recent batches remembered per metric instance (~250k faces)
 
 
 def model_file(name: str) -> Path:
@@ -182,7 +183,9 @@ class IdentityMetric(Metric):
             self._embedder = DlibFaceEmbedder(self.align, self.face_fraction, self.centre_shift)
         return self._embedder
 
-    def scores(self, clean: torch.Tensor, fake_clean: torch.Tensor, fake_protected: torch.Tensor) -> dict:
+    def pair_values(self, clean: torch.Tensor, fake_clean: torch.Tensor, fake_protected: torch.Tensor) -> dict:
+        """Per (image, target) pair, in row-major order: ``cidr``, ``id_sim_clean``,
+        ``id_sim_protected``, ``id_loss_out`` (arrays; a pair's values are its own)."""
         fc, fp = _pairs(fake_clean, "fake_clean"), _pairs(fake_protected, "fake_protected")
         if fc.shape != fp.shape or fc.shape[0] != clean.shape[0] or fc.shape[2:] != clean.shape[1:]:
             raise TsdfBenchError(f"identity metric: shapes differ: clean {tuple(clean.shape)}, fake_clean "
@@ -197,22 +200,34 @@ class IdentityMetric(Metric):
         e_fp = self._embed(fp.reshape(n * t, *fp.shape[2:]), rep, align_key)
         e_xr = np.repeat(e_x, t, axis=0)
         sim_clean, sim_prot = cosine(e_xr, e_fc), cosine(e_xr, e_fp)
-        cidr = cidr_values(1.0 - sim_clean, 1.0 - sim_prot)
-        return {"cidr": float(cidr.mean()), "id_sim_clean": float(sim_clean.mean()),
-                "id_sim_protected": float(sim_prot.mean()),
-                "id_loss_out": float((1.0 - cosine(e_fc, e_fp)).mean())}
+        return {"cidr": cidr_values(1.0 - sim_clean, 1.0 - sim_prot), "id_sim_clean": sim_clean,
+                "id_sim_protected": sim_prot, "id_loss_out": 1.0 - cosine(e_fc, e_fp)}
+
+    def scores(self, clean: torch.Tensor, fake_clean: torch.Tensor, fake_protected: torch.Tensor) -> dict:
+        """The columns of one whole batch (the means of :meth:`pair_values`)."""
+        return {k: float(v.mean()) for k, v in self.pair_values(clean, fake_clean, fake_protected).items()}
 
     def _embed(self, images: torch.Tensor, shapes: list, align_key: str) -> np.ndarray:
-        """Embeddings, remembered for the last few batches: the clean images and their forgeries
-        recur in every cell of a (model, adaptation), only the protected forgeries change."""
+        """Embeddings, remembered for recent batches (within :data:`CACHE_BYTES`): the clean images
+        and their forgeries recur in every cell of a (model, adaptation), only the protected
+        forgeries change."""
         key = (_digest(images), align_key)
         if key not in self._cache:
-            if len(self._cache) >= CACHE_SIZE:
+            value = self.embedder.embed(images, shapes)
+            while self._cache and sum(v.nbytes for v in self._cache.values()) + value.nbytes > CACHE_BYTES:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = self.embedder.embed(images, shapes)
+            self._cache[key] = value
         return self._cache[key]
 
-    def compute(self, batch: EvalBatch) -> dict[str, float | None]:
+    def start(self) -> PairValues:
+        return PairValues()
+
+    def update(self, state: PairValues, batch: EvalBatch) -> None:
         if batch.fake_clean is None or batch.fake_protected is None or batch.clean.shape[0] == 0:
+            return
+        state.add(self.pair_values(batch.clean, batch.fake_clean, batch.fake_protected))
+
+    def finish(self, state: PairValues) -> dict[str, float | None]:
+        if not len(state):
             return dict.fromkeys(self.columns)
-        return self.scores(batch.clean, batch.fake_clean, batch.fake_protected)
+        return {k: float(v.mean()) for k, v in state.values().items()}

@@ -13,7 +13,9 @@ import numpy as np
 from torch import Tensor
 
 from tsdf_bench.errors import TsdfBenchError
-from tsdf_bench.metrics import EvalBatch, Metric, _mean_or_none, _unit_pairs, invisibility_scores
+from tsdf_bench.metric_streaming import PairValues
+from tsdf_bench.metrics import (EvalBatch, Metric, _mean_or_none, _unit_pairs, invisibility_image_values,
+                                invisibility_summary)
 
 
 def ssim_pairs_paper(first: Tensor, second: Tensor, win_size: int = 3) -> np.ndarray:
@@ -37,12 +39,21 @@ def ssim_pairs_paper(first: Tensor, second: Tensor, win_size: int = 3) -> np.nda
 
 
 class InvisibilityMetric(Metric):
-    """PSNR, SSIM, L-inf and L2 of the perturbation (on the model-size inputs), and TSDF's SSIM."""
+    """PSNR, SSIM, L-inf and L2 of the perturbation (on the model-size inputs), and TSDF's SSIM;
+    computed batch by batch (each image's values kept)."""
 
     name = "invisibility"
     columns = ("psnr_in", "ssim_in", "linf", "l2_in", "ssim_in_paper")
 
-    def compute(self, batch: EvalBatch) -> dict[str, float | None]:
-        out = invisibility_scores(batch.protected, batch.clean)
-        out["ssim_in_paper"] = _mean_or_none(ssim_pairs_paper(batch.clean, batch.protected))
+    def start(self) -> PairValues:
+        return PairValues()
+
+    def update(self, state: PairValues, batch: EvalBatch) -> None:
+        state.add({**invisibility_image_values(batch.protected, batch.clean),
+                   "ssim_in_paper": ssim_pairs_paper(batch.clean, batch.protected)})
+
+    def finish(self, state: PairValues) -> dict[str, float | None]:
+        values = state.values()
+        out = invisibility_summary(values)
+        out["ssim_in_paper"] = _mean_or_none(values["ssim_in_paper"])
         return out

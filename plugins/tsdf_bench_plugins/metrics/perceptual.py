@@ -93,7 +93,7 @@ def build_lpips(net: str = "alex", backbone: str | os.PathLike | None = None, de
 
 
 class LpipsMetric(Metric):
-    """LPIPS of the forgeries (and of the inputs) on local weights only.
+    """LPIPS of the forgeries (and of the inputs) on local weights only, computed batch by batch.
 
     Args: ``net`` ("alex", PDB's choice; "vgg", "squeeze"), ``backbone`` (path of the backbone
     file; default: ``$TSDF_BENCH_LPIPS_BACKBONE``, then torch hub's cache), ``batch_size`` (64).
@@ -134,12 +134,48 @@ class LpipsMetric(Metric):
             out.append(model(x, y).flatten().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
-    def compute(self, batch: EvalBatch) -> dict[str, float | None]:
-        res: dict[str, float | None] = dict.fromkeys(self.columns)
+    def start(self) -> dict:
+        return {"lpips_in": _Chunked(self), "lpips": _Chunked(self)}
+
+    def update(self, state: dict, batch: EvalBatch) -> None:
         if batch.protected is not None and batch.clean is not None and batch.clean.shape[0]:
-            res["lpips_in"] = float(self.distances(batch.clean, batch.protected).mean())
+            state["lpips_in"].add(batch.clean, batch.protected)
         if batch.fake_clean is not None and batch.fake_protected is not None:
             fc, fp = _pairs(batch.fake_clean, "fake_clean"), _pairs(batch.fake_protected, "fake_protected")
             if fc.numel():
-                res["lpips"] = float(self.distances(fc.reshape(-1, *fc.shape[2:]), fp.reshape(-1, *fp.shape[2:])).mean())
+                state["lpips"].add(fc.reshape(-1, *fc.shape[2:]), fp.reshape(-1, *fp.shape[2:]))
+
+    def finish(self, state: dict) -> dict[str, float | None]:
+        res: dict[str, float | None] = dict.fromkeys(self.columns)
+        for column, chunks in state.items():
+            d = chunks.result()
+            if d is not None:
+                res[column] = float(d.mean())
         return res
+
+
+class _Chunked:
+    """Pairs of images added in batches of any size, scored ``metric.batch_size`` pairs at a time
+    counted from the first pair: the chunks one :meth:`LpipsMetric.distances` call on every pair
+    makes, so the distances do not depend on the batching.  Holds fewer than a chunk's pairs."""
+
+    def __init__(self, metric: LpipsMetric):
+        self.metric, self.a, self.b, self.pending, self.out = metric, [], [], 0, []
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.a.append(a)
+        self.b.append(b)
+        self.pending += a.shape[0]
+        size = self.metric.batch_size
+        if self.pending >= size:
+            a, b = torch.cat(self.a), torch.cat(self.b)
+            full = self.pending - self.pending % size
+            self.out.append(self.metric.distances(a[:full], b[:full]))
+            self.a, self.b, self.pending = [a[full:]], [b[full:]], self.pending - full
+
+    def result(self) -> torch.Tensor | None:
+        """Every pair's distance, in order (None when no pair was added)."""
+        if self.pending:
+            self.out.append(self.metric.distances(torch.cat(self.a), torch.cat(self.b)))
+            self.a, self.b, self.pending = [], [], 0
+        return torch.cat(self.out) if self.out else None
