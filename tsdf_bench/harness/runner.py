@@ -126,7 +126,8 @@ class Runner(ProtectionMixin, MeasureMixin):
     def _load_model(self, name: str):
         """A model with a checkpoint, or at paper scale, comes from its plugin (a paper-scale model
         without a checkpoint is an error unless ``random_init = true``); a demo/smoke model without
-        one is trained on first use by :func:`tsdf_bench.models.zoo.get_model` (cached)."""
+        one comes from :func:`tsdf_bench.models.zoo.get_model` (shipped with the package, cached, or
+        trained on first use)."""
         from ..models import checkpoints
 
         cfg = self.cfg
@@ -152,7 +153,7 @@ class Runner(ProtectionMixin, MeasureMixin):
             reference = options.pop("reference", None)  # HiSD's reference image: set after training
             gen = self.data.generator_train  # None: the zoo's embedded training persons (never a protected one)
             train_data = None if gen is None else (gen.images, gen.attrs, self.data.attr_names)
-            self.log(f"loading model {name} ({cfg.run.scale} scale; trained on first use)")
+            self.log(f"loading model {name} ({cfg.run.scale} scale: shipped, cached or trained on first use)")
             model = get_model(name, scale=cfg.run.scale, registry=self.registry, train_data=train_data,
                               progress=self.progress, device=self.device, **options)
             if reference is not None:
