@@ -163,3 +163,38 @@ def test_the_detector_free_scenario_is_a_registered_adaptation():
     scenario = get_registry().create("adaptation", "retrain-aligned", batch_size=4)
     assert scenario.pipeline == "aligned" and scenario.retrains
     assert get_registry().create("adaptation", "retrain").pipeline == "detect"
+
+
+def test_the_discriminator_goes_only_to_adaptations_that_take_it():
+    """A demo or official model comes with its D; retraining gets it, LoRA patching (no D in its
+    objective, no such keyword) runs without it instead of failing with a TypeError."""
+    import functools
+    from types import SimpleNamespace
+
+    from tsdf_bench.plugins import get_registry
+
+    registry = get_registry()
+    model = registry.create("model", "stargan", scale="smoke")
+    model.train_recipe = {"n_critic": 1, "lr": 2e-4, "lr_d": 2e-4, "reg_every": 1}
+    torch.manual_seed(0)
+    n = 4
+    crops = torch.rand(n, 3, model.image_size, model.image_size) * 2 - 1
+    attrs = (torch.rand(n, len(model.attributes)) > 0.5).float()
+    collection = attacker_module.Collection(crops, attrs, list(range(n)), n)
+    stub = SimpleNamespace(device="cpu", progress=False, data=SimpleNamespace(attr_names=list(model.attributes)),
+                           cfg=SimpleNamespace(adaptations=SimpleNamespace(g_steps=1)))
+    given = []
+    for name, options in (("retrain", {"batch_size": 2}), ("lora-patch", {"max_targets": 1, "pgd_steps": 1})):
+        adaptation = registry.create("adaptation", name, **options)
+        real = adaptation.adapt
+
+        @functools.wraps(real)  # keeps adapt's signature, which decides whether D is passed
+        def spy(*a, _real=real, **k):
+            given.append("discriminator" in k)
+            return _real(*a, **k)
+
+        adaptation.adapt = spy
+        out = attacker_module.Attacker.retrain(stub, model, collection, adaptation, seed=0, k=1,
+                                               discriminator=model.make_discriminator())
+        assert out.model is not model
+    assert given == [True, False]

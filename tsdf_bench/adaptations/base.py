@@ -38,5 +38,9 @@ class Adaptation:
         return images
 
     def adapt(self, model, crops: torch.Tensor, attrs: torch.Tensor, *, steps: int, seed: int, progress: bool = False):
-        """Return the adapted model (a new object; ``model`` itself is left untouched)."""
+        """Return the adapted model (a new object; ``model`` itself is left untouched).
+
+        An adaptation that trains against a discriminator may also accept ``discriminator=`` (the
+        harness then passes the one the model came with, e.g. the official D); one without that
+        keyword never gets it."""
         return model

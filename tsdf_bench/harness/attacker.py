@@ -169,7 +169,8 @@ class Attacker:
                                              "g_steps": 0, "d_steps": 0}, time.perf_counter() - t0)
         attrs = select_attrs(collection.attrs, self.data.attr_names, model.attributes, f"model {model.name!r}")
         extra = {}
-        if discriminator is not None:
+        if discriminator is not None and _takes(adaptation.adapt, "discriminator"):
+            # only adaptations that train a GAN objective take the D (retrain); LoRA patching has none
             extra["discriminator"] = discriminator.to(self.device)
         torch.manual_seed(derived_seed(seed, "adapt-torch", k))
         new = adaptation.adapt(model, collection.crops.to(self.device), attrs.to(self.device),
@@ -238,3 +239,11 @@ def _purify_key(adaptation, name: str = "") -> str:
     if type(adaptation).purify is Adaptation.purify:
         return "identity"
     return name or getattr(adaptation, "config_name", None) or type(adaptation).__name__
+
+
+def _takes(fn, keyword: str) -> bool:
+    """Whether callable ``fn`` accepts the keyword argument ``keyword``."""
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in params)
