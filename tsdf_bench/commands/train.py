@@ -102,11 +102,11 @@ def _compare_with_shipped(model, path):
     """Print whether weights trained here equal the package's shipped ones (when it ships them)."""
     from ..models import checkpoints, shipped
 
-    ship = shipped.shipped_path(model, checkpoints.read_manifest(path).get("seed", 0))
+    trained = checkpoints.read_manifest(path)
+    ship = shipped.shipped_path(model, trained.get("seed", 0))
     if ship is None:
         return
     ship_manifest = checkpoints.read_manifest(ship)
-    trained = checkpoints.read_manifest(path)
     if not shipped.applies(ship_manifest, trained):
         print(f"{model.name}: the shipped checkpoint {ship.name} has another recipe; not compared")
         return
@@ -118,6 +118,7 @@ def _export(model, path, out_dir, seed):
     """Write the trained ``model`` (from its cache file ``path``) as a shipped checkpoint."""
     from ..data.embedded import load_embedded
     from ..models import checkpoints, shipped
+    from ..models.curve import curve_path, read_curve
     from ..models.training import prepare_images
 
     d = checkpoints.load_discriminator(model, path)
@@ -125,8 +126,6 @@ def _export(model, path, out_dir, seed):
         raise TsdfBenchError(f"{path} holds no discriminator; retrain the model before exporting it")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     probe = prepare_images(load_embedded(image_size=128, n_eval=24, seed=seed).eval.images, model.image_size)
-    from ..models.curve import curve_path, read_curve
-
     manifest = checkpoints.read_manifest(path)
     curve = [p for p in read_curve(curve_path(model.name, model.scale, seed)) if p["steps"] <= manifest.get("steps", 0)]
     info = shipped.export(model, d, manifest, out_dir, probe, curve=curve)
