@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tsdf_bench import get_registry
+from tsdf_bench.hashing import file_sha256
 from tsdf_bench.errors import CheckpointError, ConfigError
 from tsdf_bench.models import checkpoints, zoo
 
@@ -66,7 +67,7 @@ def test_our_checkpoint_roundtrip_and_manifest(tmp_path):
     path = tmp_path / "m.pt"
     info = checkpoints.save_model(model, path, model.make_discriminator(), manifest={"seed": 3})
     manifest = json.loads((tmp_path / "m.pt.json").read_text())
-    assert manifest["sha256"] == checkpoints.sha256_file(path) == info["sha256"]
+    assert manifest["sha256"] == file_sha256(path) == info["sha256"]
     assert manifest["seed"] == 3 and manifest["versions"]["torch"] and manifest["config"]["conv_dim"] == 8
     other = _model("attentiongan")
     checkpoints.load_model_checkpoint(other, path)
@@ -196,6 +197,6 @@ def test_create_model_records_random_init_and_the_checkpoint_file(tmp_path):
     model = checkpoints.create_model(reg, "stargan", "smoke", {"checkpoint": str(path)})
     assert model.random_init is False
     assert model.checkpoint_record == {"random_init": False, "checkpoint_path": str(path.resolve()),
-                                       "checkpoint_sha256": checkpoints.sha256_file(path)}
+                                       "checkpoint_sha256": file_sha256(path)}
     bare = checkpoints.create_model(reg, "stargan", "smoke", {})
     assert bare.checkpoint_record == {"random_init": False, "checkpoint_path": "", "checkpoint_sha256": ""}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tsdf_bench import get_registry
+from tsdf_bench.hashing import file_sha256
 from tsdf_bench.errors import CheckpointError, ConfigError
 from tsdf_bench.models import checkpoints
 
@@ -182,7 +183,7 @@ def _run(tmp_path, d_line, monkeypatch):
 def test_the_retraining_attacker_starts_from_the_official_discriminator(tmp_path, monkeypatch):
     d_path = tmp_path / "200000-D.ckpt"
     rows, seen, expected = _run(tmp_path, f'discriminator_checkpoint = "{d_path}"', monkeypatch)
-    record = f"official {d_path.resolve()} {checkpoints.sha256_file(d_path)}"
+    record = f"official {d_path.resolve()} {file_sha256(d_path)}"
     assert [r["discriminator"] for r in rows] == [record, record]
     # the retraining and its clean control both start from the official D, with no warm-up
     assert len(seen) == 2 and all(s is not None for s in seen)
@@ -220,7 +221,7 @@ def test_preflight_loads_and_hashes_the_discriminator(tmp_path):
     report = preflight(load_config(path), reg)
     check = next(c for c in report.checks if c.kind == "model" and c.name == "stargan")
     assert check.status == "ok", report.table()
-    assert check.info["discriminator"]["sha256"] == checkpoints.sha256_file(ckpt / "200000-D.ckpt")
+    assert check.info["discriminator"]["sha256"] == file_sha256(ckpt / "200000-D.ckpt")
     assert "discriminator 200000-D.ckpt loaded strictly" in check.detail
     # the generator's file given as the discriminator is a hard error naming it
     path.write_text(text.replace('discriminator_checkpoint = "ckpt/200000-D.ckpt"',

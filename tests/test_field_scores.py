@@ -37,6 +37,17 @@ def test_rob_edge_cases():
     assert terms == pytest.approx({"a": 1.0, "b": 2 / 3})
     assert rob_score({"mse": None, "lpips": 0.4, "brisque": 1.0}, TRANSFORMED, metrics=Q) is None
     assert rob_score(BASE, {}, metrics=Q) is None
+
+
+def test_rob_is_undefined_without_a_disruption_to_keep():
+    # the `none` defense: its forgery equals the clean one, so every quality metric is 0; PDB's
+    # formula would give 1 for a transform that changes the output and 0 for one that does not
+    none = {"mse": 0.0, "lpips": 0.0, "brisque": 0.0, "cidr": 0.0}
+    moved = {"blur1": {"mse": 0.0, "lpips": 0.0, "brisque": 0.0, "cidr": 0.0},
+             "jpeg70": {"mse": 0.01, "lpips": 0.1, "brisque": 3.0, "cidr": 0.1}}
+    assert rob_per_transform(none, moved, metrics=Q) == {} and rob_score(none, moved, metrics=Q) is None
+    # an identity disruption alone is something to keep
+    assert rob_score({**none, "cidr": 0.2}, moved, metrics=Q) == pytest.approx((0 + (1 + 1 + 1 + 0.5) / 4) / 2)
     # the suite's column names: l2 (MSE) and lpips, CIDR from the identity metric
     suite = rob_score({"l2": 0.1, "lpips": 0.4, "cidr": 0.5},
                       {"jpeg70": {"l2": 0.05, "lpips": 0.4, "cidr": 0.5}}, metrics=("l2", "lpips"))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tsdf_bench.errors import CheckpointError
+from tsdf_bench.hashing import state_sha256
 from tsdf_bench.models import checkpoints, shipped, zoo
 from tsdf_bench.plugins import get_registry
 
@@ -56,8 +57,8 @@ def test_a_shipped_checkpoint_is_used_bit_for_bit_and_its_d_within_tolerance(shi
         new = torch.cat([t.flatten() for t in loaded_d(probe)])
     assert (new - ref).abs().max() <= shipped.D_TOLERANCE * ref.abs().max()
     manifest = checkpoints.read_manifest(path)
-    assert manifest["g_state_sha256"] == shipped.state_sha256(model.state_dict())
-    assert manifest["d_state_sha256"] == shipped.state_sha256(d.state_dict()) and manifest["d_change"] <= shipped.D_TOLERANCE
+    assert manifest["g_state_sha256"] == state_sha256(model.state_dict())
+    assert manifest["d_state_sha256"] == state_sha256(d.state_dict()) and manifest["d_change"] <= shipped.D_TOLERANCE
 
 
 def test_a_corrupt_shipped_checkpoint_is_refused_naming_file_and_fix(ship_dir):
@@ -107,7 +108,7 @@ def test_the_shipped_demo_checkpoints_fit_this_package(name):
     assert shipped.applies(manifest, expect), "the shipped checkpoint was made for another recipe or architecture"
     assert manifest["torch_threads"] == zoo.TRAIN_THREADS and manifest["d_change"] <= shipped.D_TOLERANCE
     checkpoints.load_model_checkpoint(model, path)
-    assert shipped.state_sha256(model.state_dict()) == manifest["g_state_sha256"]
+    assert state_sha256(model.state_dict()) == manifest["g_state_sha256"]
 
 
 def test_train_exports_then_a_retrain_reproduces_the_exported_weights(tmp_path, monkeypatch, capsys):

@@ -8,7 +8,7 @@ from tsdf_bench import get_registry
 from tsdf_bench.cli import main as cli_main
 from tsdf_bench.config import load_config
 from tsdf_bench.harness.preflight import PreflightError, estimate, preflight
-from tsdf_bench.models.checkpoints import sha256_file
+from tsdf_bench.hashing import file_sha256
 
 CONFIG = """
 [run]
@@ -80,11 +80,11 @@ def test_preflight_checks_every_entry_and_hashes_checkpoint_files(setup):
                  ("memory", "peak RAM")]:
         assert item in kinds
     star = _by(report, "model", "stargan")
-    assert star.info["checkpoint"]["sha256"] == sha256_file(tmp_path / "ckpt" / "200000-G.ckpt")
+    assert star.info["checkpoint"]["sha256"] == file_sha256(tmp_path / "ckpt" / "200000-G.ckpt")
     assert star.info["checkpoint"]["path"] == str(tmp_path / "ckpt" / "200000-G.ckpt")
     assert star.info["targets"] == 5 and "(2, 5, 3, 32, 32)" in star.detail
     hisd = _by(report, "model", "hisd")
-    assert hisd.info["reference"]["sha256"] == sha256_file(tmp_path / "ckpt" / "reference_glasses_2.jpg")
+    assert hisd.info["reference"]["sha256"] == file_sha256(tmp_path / "ckpt" / "reference_glasses_2.jpg")
     table = report.table()
     assert "stargan" in table and "peak RAM" in table and "error" not in table
     assert report.estimate["ram_bytes"] > 0 and report.estimate["disk_bytes"] > 0

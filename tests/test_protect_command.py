@@ -9,6 +9,7 @@ from PIL import Image
 
 from defense_toys import ToyDetector, ToyGAN, toy_images  # noqa: F401
 from tsdf_bench import imageio
+from tsdf_bench.hashing import file_sha256
 from tsdf_bench.cli import main as cli_main
 from tsdf_bench.commands import protect
 from tsdf_bench.plugins import get_registry
@@ -48,8 +49,8 @@ def test_protect_noise_end_to_end(photos, tmp_path, capsys):
                                                            "b.png": "b.png.png"}
     assert sorted(p.name for p in out.glob("*.png")) == ["a.png.png", "b.jpg.png", "b.png.png"]
     for name, f in outputs.items():
-        assert f["output_sha256"] == protect.sha256_file(out / f["output"])
-        assert f["input_sha256"] == protect.sha256_file(photos / name)
+        assert f["output_sha256"] == file_sha256(out / f["output"])
+        assert f["input_sha256"] == file_sha256(photos / name)
         x, p = imageio.read_image(photos / name), imageio.read_image(out / f["output"])
         assert p.shape == x.shape
         assert (p - x).abs().max() <= 0.03 + 1e-6  # the budget holds in the written 8-bit file
@@ -108,8 +109,8 @@ def test_protect_with_a_fitted_perturbation_file(photos, tmp_path):
                    "--perturbation", str(pert)])
     assert rc == 1
     record = json.loads((out / protect.RECORD_NAME).read_text())
-    from tsdf_bench.defenses.base import tensor_hash
-    assert record["perturbation"]["sha256"] == tensor_hash(d.perturbation)
+    from tsdf_bench.hashing import tensors_sha256
+    assert record["perturbation"]["sha256"] == tensors_sha256(d.perturbation)
     # made by another defense: refused
     with pytest.raises(Exception, match="made by defense 'found'"):
         protect.main(types.SimpleNamespace(**{**vars(_args(photos, tmp_path / "o2")), "defense": "cmua",

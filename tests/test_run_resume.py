@@ -101,9 +101,9 @@ def test_a_changed_checkpoint_is_refitted_not_reused(tmp_path):
     model = changed.model("fake-gan")
     with torch.no_grad():
         model.conv.weight.add_(0.5)
-    from tsdf_bench.harness.provenance import state_dict_hash
+    from tsdf_bench.hashing import state_sha256
 
-    changed._model_hash["fake-gan"] = state_dict_hash(model)
+    changed._model_hash["fake-gan"] = state_sha256(model.state_dict())
     after = changed.protect(0, "fake-shift")
     assert after.info["fit_key"] != before.info["fit_key"]
     assert len(list((tmp_path / "run" / "cache").glob("protected-fake-shift-seed0-*.pt"))) == 2

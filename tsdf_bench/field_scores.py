@@ -21,7 +21,10 @@ them, ``brisque`` of the protected forgery, ``cidr`` the identity disruption
 makes a quality ratio 1 if the transformed value is positive, else 0 (the 1e-10); when the
 baseline CIDR is 0 or missing the identity term is dropped for *every* transform; a transform
 without a CIDR value counts its identity term as 0; a transform missing one of the quality metrics
-is left out (PDB reads all three from one CSV row).
+is left out (PDB reads all three from one CSV row).  One departure: a baseline with no disruption
+at all (every quality metric <= 1e-10 and no identity disruption, e.g. the ``none`` defense) has
+no protection to keep, so its ROB is undefined (``None``) rather than PDB's formula's value there
+(1 for a transform that changes the output, 0 for one that does not, such as a 1-pixel blur).
 
 **TE** of one defense crafted on a *source* generator, over the other (*target*) generators::
 
@@ -91,6 +94,8 @@ def rob_per_transform(baseline: Metrics, transformed: Mapping[str, Metrics], *,
         return {}
     base_id = _value(baseline, id_metric) if id_metric else None
     use_id = bool(base_id)  # PDB: `if not base: return None` -> the 3-metric ROB
+    if not use_id and all(_value(baseline, k) <= ROB_EPS for k in metrics):
+        return {}  # nothing disrupted, nothing to keep: undefined (see the module doc)
     out: dict[str, float] = {}
     for name, m in transformed.items():
         if not _has_all(m, metrics):
@@ -108,7 +113,7 @@ def rob_score(baseline: Metrics, transformed: Mapping[str, Metrics], *,
               metrics: Sequence[str] = PDB_METRICS, id_metric: str | None = "cidr") -> float | None:
     """PDB's ROB of one (defense, generator): the mean of :func:`rob_per_transform`'s terms.
 
-    ``None`` when no transform has a term (or the baseline lacks a quality metric).
+    ``None`` when no transform has a term, the baseline lacks a quality metric or disrupts nothing.
     Higher is better for the defense: 1 means every transform leaves its disruption intact.
     """
     return _mean(list(rob_per_transform(baseline, transformed, metrics=metrics, id_metric=id_metric).values()))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ImageError, TsdfBenchError
-from ..models.checkpoints import sha256_file
+from ..hashing import file_sha256
 
 HELP = "protect a folder of your own photos with a defense (lossless PNGs + a JSON record)"
 RECORD_NAME = "protect-record.json"
@@ -199,8 +199,8 @@ def main(args, registry):
         protected = defense.protect(x[None])[0]
         out = outputs[path]
         imageio.write_png(out, quantize_within_budget(x, protected, defense.eps), overwrite=args.overwrite)
-        files.append({"input": path.name, "output": out.name, "input_sha256": sha256_file(path),
-                      "output_sha256": sha256_file(out)})
+        files.append({"input": path.name, "output": out.name, "input_sha256": file_sha256(path),
+                      "output_sha256": file_sha256(out)})
     record = {"tool": f"tsdf-bench {__version__}", "command": "protect", "defense": defense.name,
               "eps": defense.eps, "seed": defense.seed, "options": getattr(defense, "options", options),
               "models": list(args.models), "detectors": list(args.detectors), "scale": args.scale,
@@ -215,6 +215,6 @@ def main(args, registry):
 
 
 def _hash(defense):
-    from ..defenses.base import tensor_hash
+    from ..hashing import tensors_sha256
 
-    return tensor_hash(defense.perturbation)
+    return tensors_sha256(defense.perturbation)

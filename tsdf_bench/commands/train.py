@@ -45,8 +45,6 @@ def trainable_models(registry) -> list[str]:
 
 
 def main(args, registry):
-    import torch
-
     from ..models import zoo
 
     if args.steps is not None and args.steps < 0:

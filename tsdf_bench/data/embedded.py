@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from ..hashing import file_sha256
 from ..imageio import read_image_uint8
 from ..paths import cache_dir
 from ._common import ATTGAN_ATTRS, DatasetError, FaceSet
@@ -146,10 +147,6 @@ def locate_source(source: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _face_canvas(photo: np.ndarray, box, image_size: int) -> Image.Image:
@@ -255,7 +252,7 @@ def load_embedded(image_size: int = 128, n_train: int = 320, n_eval: int = 96, s
               "seed": int(seed), "augment": AUGMENT,
               "framing": [FACE_FRACTION, CENTRE_SHIFT, CANVAS_MARGIN]}
     key_material = {"params": params, "faces_csv": FACES_CSV.read_text(),
-                    "sources": {s: _file_sha256(p) for s, p in sorted(paths.items())}}
+                    "sources": {s: file_sha256(p) for s, p in sorted(paths.items())}}
     data_hash = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()
     cache_file = cache_dir("data", "embedded") / f"{data_hash[:20]}.pt" if use_cache else None
     roles = {role: [f["face_id"] for f in faces if f["role"] == role] for role in ROLES}

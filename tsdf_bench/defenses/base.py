@@ -11,7 +11,6 @@ again before it is added.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError
+from ..hashing import tensors_sha256
 from ..speed import Switch
 
 
@@ -96,18 +96,13 @@ class UniversalDefense(Defense):
         return self
 
 
-def tensor_hash(t: torch.Tensor) -> str:
-    """sha256 of a tensor's float32 bytes (CPU, contiguous): for provenance records."""
-    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
 def save_perturbation(path, perturbation: torch.Tensor, provenance: dict) -> Path:
     """Save a universal perturbation with its provenance (``.pt`` of plain tensors and a JSON string)."""
     if perturbation is None:
         raise RuntimeError("nothing to save: the defense is not fitted")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(provenance, sha256=tensor_hash(perturbation), shape=list(perturbation.shape))
+    meta = dict(provenance, sha256=tensors_sha256(perturbation), shape=list(perturbation.shape))
     buf = io.BytesIO()
     torch.save({"perturbation": perturbation.detach().cpu().float(), "provenance": json.dumps(meta, sort_keys=True)}, buf)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -125,6 +120,6 @@ def load_perturbation(path) -> tuple[torch.Tensor, dict]:
         delta, meta = blob["perturbation"], json.loads(blob["provenance"])
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"perturbation file {path} is not a tsdf-bench perturbation: {exc}") from exc
-    if meta.get("sha256") and meta["sha256"] != tensor_hash(delta):
+    if meta.get("sha256") and meta["sha256"] != tensors_sha256(delta):
         raise CheckpointError(f"perturbation file {path} is corrupt: its hash does not match its provenance record")
     return delta, meta

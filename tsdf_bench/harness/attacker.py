@@ -32,7 +32,8 @@ import torch
 from ..errors import TsdfBenchError
 from ..metrics import SUCCESS_THRESHOLD
 from .data import select_attrs, to_size
-from .provenance import derived_seed, state_dict_hash
+from ..hashing import state_sha256
+from .provenance import derived_seed
 from .state import _cached
 
 CROP_IOU_USABLE = 0.5
@@ -163,7 +164,7 @@ class Attacker:
         """Round ``k``: ``adaptation.adapt`` a copy of ``model`` on ``collection`` for ``g_steps``.
         The seed depends on (seed, round) only, so the control and every defense train alike."""
         t0 = time.perf_counter()
-        before = state_dict_hash(model)
+        before = state_sha256(model.state_dict())
         if collection.crops.shape[0] == 0:
             return Retrained(model, before, {"retrain_images": 0, "model_unchanged": True,
                                              "g_steps": 0, "d_steps": 0}, time.perf_counter() - t0)
@@ -176,11 +177,11 @@ class Attacker:
         new = adaptation.adapt(model, collection.crops.to(self.device), attrs.to(self.device),
                                steps=self.cfg.adaptations.g_steps, seed=derived_seed(seed, "adapt", k) % (2 ** 31),
                                progress=self.progress, **extra)
-        if state_dict_hash(model) != before:
+        if state_sha256(model.state_dict()) != before:
             raise ModelChangedInPlace(f"adaptation {getattr(adaptation, 'name', adaptation)!r} changed the model in "
                                  "place; adapt() must return a new model and leave its input untouched")
         new = new.to(self.device).eval()
-        digest = state_dict_hash(new)
+        digest = state_sha256(new.state_dict())
         info = {"retrain_images": collection.crops.shape[0], "model_unchanged": digest == before,
                 "g_steps_budget": self.cfg.adaptations.g_steps}
         last = getattr(adaptation, "last_info", None)

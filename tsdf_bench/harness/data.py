@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .provenance import tensors_hash
+from ..hashing import tensors_sha256
 
 # The attribute names of the synthetic test source (CelebA names, so real plugins accept them).
 SYNTHETIC_ATTRIBUTES = ("Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses",
@@ -269,5 +269,5 @@ def load_run_data(cfg) -> RunData:
     split.update({f"n_{role}_photos": len(set(s.photos)) for role, s in splits.items()},
                  **{f"n_{role}_persons": len(set(s.persons)) for role, s in splits.items()})
     fit, collect, ev = splits["fit"], splits["collect"], splits["eval"]
-    data_hash = tensors_hash(fit.images, fit.attrs, collect.images, collect.attrs, ev.images, ev.attrs)
+    data_hash = tensors_sha256(fit.images, fit.attrs, collect.images, collect.attrs, ev.images, ev.attrs)
     return RunData(fit, collect, ev, names, data_hash, description, notes, split, generator_train)

@@ -121,10 +121,10 @@ def _gb(n: float) -> str:
 
 
 def _file_info(path) -> dict:
-    from ..models.checkpoints import sha256_file
+    from ..hashing import file_sha256
 
     path = Path(path).expanduser()
-    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 # -- data ------------------------------------------------------------------------------------

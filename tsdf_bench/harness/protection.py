@@ -10,7 +10,7 @@ import torch
 from .. import speed
 from .data import select_attrs
 from .measure import log_phase
-from .provenance import tensors_hash
+from ..hashing import tensors_sha256
 from .state import Protected, _cached, _Failed, _seed
 
 
@@ -86,15 +86,13 @@ class ProtectionMixin:
         log_phase(self.log, "protect", f"{name}/seed {seed} ({sum(v.shape[0] for v in protected.values())} images)",
                   t2 - t1)
         if getattr(defense, "universal", False) and getattr(defense, "perturbation", None) is not None:
-            from ..defenses.base import tensor_hash
-
-            digest = tensor_hash(defense.perturbation)
+            digest = tensors_sha256(defense.perturbation)
             try:
                 defense.save(self.run_dir / "perturbations" / f"{name}-seed{seed}.pt", config_hash=cfg.hash)
             except Exception as exc:  # noqa: BLE001 - saving is a convenience, the hash is recorded anyway
                 self.log(f"could not save the perturbation of {name}: {exc}")
         else:
-            digest = tensors_hash(protected["collect"] - data.collect.images, protected["eval"] - data.eval.images)
+            digest = tensors_sha256(protected["collect"] - data.collect.images, protected["eval"] - data.eval.images)
         info = {"defense_plugin": plugin, "fit_key": key, "fit_models": [m.name for m in models],
                 "fit_detectors": [getattr(d, "name", "?") for d in detectors],
                 "fit_problems": model_problems, **getattr(defense, "info", {})}

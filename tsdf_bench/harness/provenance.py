@@ -70,26 +70,6 @@ def git_state(path: str | None = None) -> dict:
         return {"git_commit": None, "git_dirty": None}
 
 
-def state_dict_hash(module: torch.nn.Module) -> str:
-    """sha256 over a module's state_dict (names, dtypes, shapes and bytes; key order independent)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def tensors_hash(*tensors: torch.Tensor) -> str:
-    """sha256 over the float32 bytes and shapes of some tensors."""
-    digest = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().float().cpu().contiguous()
-        digest.update(str(tuple(t.shape)).encode())
-        digest.update(t.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def derived_seed(seed: int, *keys) -> int:
     """A 63-bit seed from a run seed and the names of a step, stable across processes."""
     text = "|".join([str(seed), *map(str, keys)])

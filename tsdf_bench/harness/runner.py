@@ -39,7 +39,8 @@ from .data import RunData, load_run_data
 from .measure import MeasureMixin, log_phase
 from .plan import Cell, create_checked, default_metrics, plan_cells
 from .protection import ProtectionMixin
-from .provenance import device_description, git_state, resolve_device, state_dict_hash, versions
+from ..hashing import state_sha256
+from .provenance import device_description, git_state, resolve_device, versions
 from .state import ChainState, CellFailure, Protected, RunSummary, _cached, _Failed, summarize
 from .store import ResultsStore
 
@@ -118,7 +119,7 @@ class Runner(ProtectionMixin, MeasureMixin):
         """The round-0 model ``name`` (loaded once; a load failure is cached and re-raised)."""
         def load():
             model = self._load_model(name)
-            self._model_hash[name] = state_dict_hash(model)
+            self._model_hash[name] = state_sha256(model.state_dict())
             return model
 
         return _cached(self._models, name, load, f"model {name!r} failed to load")

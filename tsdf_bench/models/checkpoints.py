@@ -30,7 +30,6 @@ Our own files (``save_model``) hold ``{"format": FORMAT, "model", "scale", "conf
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..hashing import file_sha256
 
 FORMAT = "tsdf-bench-model/1"
 DATAPARALLEL_PREFIX = "module."
@@ -193,7 +193,7 @@ def save_model(model, path, discriminator=None, manifest: dict | None = None) ->
     torch.save(blob, tmp)
     os.replace(tmp, path)
     info = {"model": blob["model"], "scale": blob["scale"], "config": getattr(model, "config", {}),
-            "weights": path.name, "sha256": sha256_file(path), "versions": package_versions()}
+            "weights": path.name, "sha256": file_sha256(path), "versions": package_versions()}
     info.update(manifest or {})
     manifest_path(path).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
     return info
@@ -311,18 +311,12 @@ def discriminator_record(source: str, path=None) -> str:
     ``"trained with the demo model"``, or ``"fresh, warm-up N D steps"`` (set by the retraining)."""
     if source == "official":
         p = Path(path).expanduser()
-        return f"official {p.resolve()} {sha256_file(p)}"
+        return f"official {p.resolve()} {file_sha256(p)}"
     if source == "demo":
         return "trained with the demo model"
     return source
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package_versions() -> dict:
@@ -408,7 +402,7 @@ def checkpoint_record(options: dict, random_init: bool = False) -> dict:
         return {"random_init": bool(random_init), "checkpoint_path": "", "checkpoint_sha256": ""}
     path = Path(path).expanduser()
     return {"random_init": bool(random_init), "checkpoint_path": str(path.resolve()),
-            "checkpoint_sha256": sha256_file(path) if path.is_file() else ""}
+            "checkpoint_sha256": file_sha256(path) if path.is_file() else ""}
 
 
 def create_model(registry, name: str, scale: str, options: dict, **extra):

@@ -26,7 +26,6 @@ another data hash than the embedded faces hash to here.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..hashing import file_sha256, state_sha256
 from . import checkpoints
 
 MAX_BYTES = 5_000_000  # the issue's limit per shipped file
@@ -64,16 +64,6 @@ def shipped_path(model, seed: int = 0) -> Path | None:
     return path if path.is_file() else None
 
 
-def state_sha256(state: dict) -> str:
-    """sha256 over a state dict's names, dtypes, shapes and bytes (key order as stored)."""
-    h = hashlib.sha256()
-    for key, value in state.items():
-        t = value.detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def applies(manifest: dict, expect: dict) -> bool:
     """Whether a shipped manifest is the checkpoint for request ``expect`` (data hash aside)."""
     from .zoo import _jsonish
@@ -87,7 +77,7 @@ def verify(path: Path, name: str, data_hash: str) -> dict:
     if not manifest:
         raise CheckpointError(f"shipped checkpoint {path} has no manifest {checkpoints.manifest_path(path).name}; "
                               + _fix(name))
-    found = checkpoints.sha256_file(path)
+    found = file_sha256(path)
     if manifest.get("sha256") != found:
         raise CheckpointError(f"shipped checkpoint {path} fails its sha256 check (file {found[:12]}, manifest "
                               f"{str(manifest.get('sha256'))[:12]}): the file is corrupt or was changed; " + _fix(name))

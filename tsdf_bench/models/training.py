@@ -45,7 +45,6 @@ autocast is used only in the attack loops (see :mod:`tsdf_bench.speed`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..hashing import tensors_sha256
 
 STATE_FILE = "train_state.pt"
 DEFAULTS = {"lr_g": 1e-4, "lr_d": 1e-4, "betas": (0.5, 0.999), "n_critic": 5}
@@ -140,12 +140,7 @@ def _set_requires_grad(module, flag):
 
 def data_fingerprint(images: torch.Tensor, attrs: torch.Tensor) -> str:
     """A short sha256 of the training tensors (recorded in checkpoints and manifests)."""
-    h = hashlib.sha256()
-    for t in (images, attrs):
-        t = t.detach().float().contiguous().cpu()
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensors_sha256(images, attrs)[:16]
 
 
 def _atomic_save(obj, path: Path):

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..hashing import file_sha256
 from ..paths import cache_dir
 from . import checkpoints
 from .shipped import applies, cpu_name, shipped_path, verify
@@ -165,7 +166,7 @@ def get_model(name: str, scale: str = "demo", registry=None, train_data=None, st
     if path.is_file() and not retrain:
         manifest = checkpoints.read_manifest(path)
         if all(manifest.get(k) == _jsonish(v) for k, v in expect.items()) and \
-                manifest.get("sha256") == checkpoints.sha256_file(path):
+                manifest.get("sha256") == file_sha256(path):
             return _loaded(model, path, recipe, "cached")
     kwargs = {k: v for k, v in recipe.items() if k != "steps"}
     train_device = torch.device(device) if device is not None else torch.device("cpu")

@@ -468,6 +468,6 @@ def load_reference_image(path: str | Path, image_size: int) -> torch.Tensor:
 
 
 def _sha256(path: Path) -> str:
-    from tsdf_bench.models.checkpoints import sha256_file
+    from tsdf_bench.hashing import file_sha256
 
-    return sha256_file(path)
+    return file_sha256(path)

@@ -1,0 +1,43 @@
+"""sha256 digests the suite records: of files, of tensors and of state dicts (one definition each).
+
+* :func:`file_sha256`: a file's bytes (checkpoints, photos, shipped weights).
+* :func:`tensors_sha256`: the shapes and float32 bytes of some tensors (data sets, perturbations,
+  protected images).
+* :func:`state_sha256`: a state dict's names, dtypes, shapes and raw bytes in its key order (a
+  module's ``state_dict()`` lists them in registration order, so the digest of a model is stable).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tensors_sha256(*tensors: torch.Tensor) -> str:
+    """sha256 over the shapes and float32 bytes (CPU, contiguous) of ``tensors``, in order."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().float().cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def state_sha256(state: dict) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes (key order as stored)."""
+    h = hashlib.sha256()
+    for key, value in state.items():
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
