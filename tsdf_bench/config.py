@@ -13,7 +13,9 @@ Layout (every table but ``[models]`` and ``[defenses]`` is optional)::
                    retraining round; ...), publish (a folder that also gets the leaderboard
                    tables, e.g. "leaderboards/demo"; default none), optimize (default true:
                    shared clean outputs, batched targets, bf16/channels_last on CUDA; false:
-                   the papers' straightforward loops -- see tsdf_bench.speed)
+                   the papers' straightforward loops -- see tsdf_bench.speed), workers
+                   (default 1: this process; N > 1: N local processes, one torch thread each,
+                   one (seed, defense) group at a time -- tsdf_bench.harness.pool)
     [data]         source ("embedded"|"celeba"|"folder"|"synthetic"), path, image_size,
                    n_train_defense (images the defense is fitted on), n_collect (protected
                    images the attacker collects to retrain), n_eval (held-out protected images
@@ -86,6 +88,7 @@ class RunSection:
     rounds: int = 1
     publish: str = ""  # a folder that also receives the leaderboard tables (demo: leaderboards/demo)
     optimize: bool = True  # speed optimisations (tsdf_bench.speed); not hashed: rows agree either way
+    workers: int = 1  # local worker processes, one torch thread each (tsdf_bench.harness.pool); not hashed
 
 
 @dataclass
@@ -253,10 +256,10 @@ class RunConfig:
 
     @property
     def hash(self) -> str:
-        """sha256 of the canonical resolved config (``run.output``, ``run.publish`` and
-        ``run.optimize`` excluded: none of them changes what a row means)."""
+        """sha256 of the canonical resolved config (``run.output``, ``run.publish``,
+        ``run.optimize`` and ``run.workers`` excluded: none of them changes what a row means)."""
         data = self.to_dict()
-        for key in ("output", "publish", "optimize"):
+        for key in ("output", "publish", "optimize", "workers"):
             data["run"].pop(key, None)
         data["data"].pop("check_files", None)  # which files are checked does not change a row
         return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -395,6 +398,8 @@ def _check_values(cfg: RunConfig, where: str):
         raise ConfigError(f"{where}: [run] seeds is empty; give at least one seed, e.g. seeds = [0]")
     if len(set(r.seeds)) != len(r.seeds):
         raise ConfigError(f"{where}: [run] seeds has duplicates: {r.seeds}")
+    if not isinstance(r.workers, int) or r.workers < 1:
+        raise ConfigError(f"{where}: [run] workers = {r.workers!r}; use 1 (this process) or more, e.g. workers = 2")
     if r.rounds < 0:
         raise ConfigError(f"{where}: [run] rounds = {r.rounds}; use 0 (inference only) or more")
     if d.source not in SOURCES:

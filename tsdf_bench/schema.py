@@ -66,7 +66,8 @@ PROVENANCE = {
     "config_hash": "sha256 of the resolved config (tsdf_bench.config)",
     "run_name": "[run] name", "scale": "paper, demo or smoke", "versions": "package and plugin versions",
     "device": "where it ran", "git_commit": "the repository's commit", "git_dirty": "uncommitted changes",
-    "optimize": "the speed switch (tsdf_bench.speed)", "metrics": "the metric plugins that ran",
+    "optimize": "the speed switch (tsdf_bench.speed)",
+    "torch_threads": "torch CPU threads of the process that measured the row (1 per worker with [run] workers > 1)", "metrics": "the metric plugins that ran",
     # the data and its roles (docs/threat-model.md)
     "data": "the data source, described", "data_hash": "sha256 of the run's images and labels",
     "data_notes": "notes about the data", "split": "how the roles were made, persons and photos per role",

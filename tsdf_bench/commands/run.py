@@ -27,6 +27,8 @@ def add_arguments(parser):
     parser.add_argument("--ray-gpus-per-task", type=float, metavar="N",
                         help="GPUs per Ray task (default: 1 when the config's device is cuda, or auto on a cluster "
                              "with GPUs; else 0)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="override [run] workers: N local processes, one torch thread each (the local executor)")
     parser.add_argument("--check", action="store_true",
                         help="preflight only: load every model, detector and data entry the config names, push one "
                              "batch through each, verify checkpoint files (sha256), estimate memory and disk for the "
@@ -49,6 +51,8 @@ def main(args, registry) -> int:
         overrides["run__device"] = args.device
     if getattr(args, "no_optimize", False):
         overrides["run__optimize"] = False  # not hashed: a resume may switch it
+    if args.workers is not None:
+        overrides["run__workers"] = args.workers  # not hashed either
     if cfg is None and overrides:  # resuming from the stored config with an override
         output = Path(args.output or "runs")
         store = ResultsStore(output / DB_NAME)

@@ -24,15 +24,18 @@ IoU >= 0.5: the attacker got the right face.
 """
 from __future__ import annotations
 
+import copy
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..errors import TsdfBenchError
 from ..metrics import SUCCESS_THRESHOLD
-from .data import select_attrs, to_size
 from ..hashing import state_sha256
+from .data import select_attrs, to_size
 from .provenance import derived_seed
 from .state import _cached
 
@@ -88,10 +91,13 @@ def usable_crops(clean, protected, n: int) -> list[bool]:
 
 class Attacker:
     """The attacker for one run: ``cfg`` (the run config), ``data`` (a callable giving the
-    :class:`~tsdf_bench.harness.data.RunData`), ``detector`` (name -> loaded detector), ``device``."""
+    :class:`~tsdf_bench.harness.data.RunData`), ``detector`` (name -> loaded detector), ``device``;
+    ``controls_dir``: where retrained controls are saved for other worker processes of the run
+    (None: kept in memory only)."""
 
-    def __init__(self, cfg, data, detector, device, progress: bool = False):
+    def __init__(self, cfg, data, detector, device, progress: bool = False, controls_dir: Path | None = None):
         self.cfg, self._data, self._detector, self.device, self.progress = cfg, data, detector, device, progress
+        self.controls_dir = controls_dir
         self._clean: dict = {}
         self._controls: dict = {}
 
@@ -197,11 +203,20 @@ class Attacker:
         """The clean-retraining control of round ``k`` (cached: computed once per (model,
         adaptation, seed, round) and shared by every defense).  ``base`` is the round-0 model."""
         def compute():
+            path = None
+            if self.controls_dir is not None:
+                base_hash = state_sha256(base.state_dict())[:16]
+                path = Path(self.controls_dir) / f"{name}-{adaptation_name}-seed{seed}-round{k}-{base_hash}.pt"
+                if path.is_file():  # retrained by another worker of this run
+                    return _load_control(path, base, self.device)
             previous = base if k == 1 else self.control(name, adaptation_name, adaptation, seed, k - 1, base,
                                                         discriminator).model
             clean = self.clean_collection(base.image_size, adaptation)
-            return self.retrain(previous, clean, adaptation, seed=seed, k=k,
+            done = self.retrain(previous, clean, adaptation, seed=seed, k=k,
                                 discriminator=discriminator if k == 1 else None)
+            if path is not None:
+                _save_control(path, done)
+            return done
 
         # a failure is cached too and re-raised for every defense that needs this control
         return _cached(self._controls, (name, adaptation_name, seed, k), compute, "the clean-retraining control failed")
@@ -214,6 +229,23 @@ class Attacker:
         shares them, and seeds are the outer loop."""
         for key in [key for key in self._controls if key[2] != seed]:
             del self._controls[key]
+
+
+def _save_control(path: Path, done: Retrained) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save({"state": {k: v.detach().cpu() for k, v in done.model.state_dict().items()}, "hash": done.hash,
+                "info": done.info}, tmp)
+    os.replace(tmp, path)  # atomic: another worker sees the whole file or none
+
+
+def _load_control(path: Path, base, device) -> Retrained:
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    model = copy.deepcopy(base).cpu()
+    model.load_state_dict(blob["state"])
+    if state_sha256(model.state_dict()) != blob["hash"]:
+        raise TsdfBenchError(f"saved control {path} does not match its hash; delete the run's cache folder and resume")
+    return Retrained(model.to(device).eval(), blob["hash"], blob["info"], 0.0)
 
 
 def keeps(retrained_clean_mse: float | None, sr_retrained: float | None, sr_original: float | None,

@@ -69,7 +69,8 @@ class Runner(ProtectionMixin, MeasureMixin):
         self._detectors: dict[str, object] = {}
         self._clean_fake: dict = {}
         self._clean_dets: dict = {}
-        self.attacker = Attacker(cfg, lambda: self.data, self.detector, self.device, progress)
+        self.attacker = Attacker(cfg, lambda: self.data, self.detector, self.device, progress,
+                                 controls_dir=self.run_dir / "cache" / "controls" if cfg.run.workers > 1 else None)
         self.adaptations = {}
         for n in cfg.adaptations.names:
             self.adaptations[n] = create_checked(registry, "adaptation", cfg.adaptations.plugin_for(n),
@@ -97,7 +98,7 @@ class Runner(ProtectionMixin, MeasureMixin):
             self._provenance_base = {
                 "config_hash": cfg.hash, "run_name": cfg.run.name, "scale": cfg.run.scale,
                 "versions": versions(self.registry, used), "device": device_description(self.device),
-                **git_state(), "optimize": self.optimize, "data": self.data.description, "data_hash": self.data.data_hash,
+                **git_state(), "optimize": self.optimize, "torch_threads": torch.get_num_threads(), "data": self.data.description, "data_hash": self.data.data_hash,
                 "data_notes": self.data.notes, "split": self.data.split, "metrics": self.metric_names(), "attacker_detector": cfg.detectors.attacker,
                 "crop": cfg.detectors.crop, "eps": cfg.defenses.eps,
                 "n_fit": int(self.data.fit.images.shape[0]), "n_collect": int(self.data.collect.images.shape[0]),
@@ -303,30 +304,48 @@ class Runner(ProtectionMixin, MeasureMixin):
         if todo:
             self.log(f"{len(todo)} of {len(cells)} cells to run; loading data ({self.cfg.data.source})")
             self.provenance_base()  # loads the data: a data problem stops the run here, with its own message
+        if todo and self.cfg.run.workers > 1:
+            from .pool import run_in_pool
+
+            return run_in_pool(self, cells, todo)
         bar = self._bar(total=len(cells), initial=len(cells) - len(todo), desc="cells")
         try:
-            for seed in self.cfg.run.seeds:
-                for dname in self.cfg.defenses.names:
-                    group = [c for c in todo if c.seed == seed and c.defense == dname]
-                    if not group:
-                        continue
-                    bar.set_description(f"{dname} (seed {seed})")
-                    try:
-                        prot = self.protect(seed, dname)
-                    except Exception as exc:  # noqa: BLE001 - every cell of this defense fails with it
-                        for c in group:
-                            self._write_error(c, exc, None, bar, stage=f"defense {dname!r} fit/protect")
-                        continue
-                    for mname in self.cfg.models.names:
-                        for aname in self.cfg.adaptations.names:
-                            chain = [c for c in group if c.model == mname and c.adaptation == aname]
-                            if chain:
-                                bar.set_description(f"{dname}/{mname}/{aname} (seed {seed})")
-                                self.run_chain(chain, prot, bar)
+            for seed, dname, group in groups(self.cfg, todo):
+                self.run_group(seed, dname, group, bar)
         finally:
             bar.close()
             self.release_clean_cache()  # the clean forgeries kept on disk go with the run
         return summarize(self, cells, todo)
+
+    def run_group(self, seed: int, dname: str, group: list[Cell], bar=None) -> None:
+        """Fit and apply defense ``dname`` for ``seed``, then run every chain of ``group`` (its cells)."""
+        if bar is not None:
+            bar.set_description(f"{dname} (seed {seed})")
+        try:
+            prot = self.protect(seed, dname)
+        except Exception as exc:  # noqa: BLE001 - every cell of this defense fails with it
+            for c in group:
+                self._write_error(c, exc, None, bar, stage=f"defense {dname!r} fit/protect")
+            return
+        for mname in self.cfg.models.names:
+            for aname in self.cfg.adaptations.names:
+                chain = [c for c in group if c.model == mname and c.adaptation == aname]
+                if chain:
+                    if bar is not None:
+                        bar.set_description(f"{dname}/{mname}/{aname} (seed {seed})")
+                    self.run_chain(chain, prot, bar)
+
+
+def groups(cfg, cells: list[Cell]) -> list[tuple[int, str, list[Cell]]]:
+    """``cells`` as ``(seed, defense, cells)`` groups in run order (seeds outer): the unit that
+    shares one fitted defense."""
+    out = []
+    for seed in cfg.run.seeds:
+        for dname in cfg.defenses.names:
+            group = [c for c in cells if c.seed == seed and c.defense == dname]
+            if group:
+                out.append((seed, dname, group))
+    return out
 
 
 def _file_record(record: dict) -> dict:

@@ -73,10 +73,13 @@ def measure_point(model, discriminator, x: torch.Tensor, a: torch.Tensor) -> dic
 
     model.eval()
     point = {"recon_loss": _recon_loss(model, x, a)}
-    if discriminator is not None:
+    if discriminator is not None and getattr(model, "d_attribute_head", True):
         rep = edit_report(model, discriminator, x, a)
         point.update(change=rep["mean_abs_change"], d_acc_edited=rep["cls_acc_edited"],
                      d_acc_unedited=rep["cls_acc_unedited"])
+    else:  # a discriminator without an attribute head (HiSD's is tag-conditioned): the edit size only
+        with torch.no_grad():
+            point["change"] = float((model.generate_all(x, a) - x.unsqueeze(1)).abs().mean())
     point.update(sensitivity(model, x, a))
     return point
 

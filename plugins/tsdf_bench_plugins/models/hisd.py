@@ -152,6 +152,7 @@ class HiSD(DeepfakeModel):
                        recon_lr=4e-3, reg_every=4)
 
     name = "hisd"
+    d_attribute_head = False  # the discriminator judges (image, style, tag); no attribute logits to score edits
     official_checkpoint_keys = ("gen_test", "gen")  # gen_test: the EMA weights the official test uses
     official_checkpoint_file = "gen_00600000.pt of the celeba-hq_256 config"
     attributes = ("Bangs", "Eyeglasses", "Black_Hair", "Blond_Hair", "Brown_Hair", "Male", "Young")

@@ -1,0 +1,87 @@
+"""Run a config's cells in N local worker processes: ``[run] workers = N`` (or ``run --workers N``).
+
+The unit of work is a **(seed, defense) group**, the unit :meth:`Runner.run_group` runs in the
+sequential loop: fit and apply the defense, then every (model, adaptation) chain of its cells.
+Groups go to the workers in run order (seeds outer), each worker takes the next group when it
+finishes one, so N workers stay busy however the groups differ in cost.
+
+Each worker is a fresh (spawned) process with **one torch thread**, its own :class:`Runner` and
+its own connection to the run's SQLite store (each cell is one transaction; WAL), so rows are
+written as they finish and ``--resume`` works as with one process.  Models, detectors and data
+load once per worker.  Rows depend on the torch thread count only through float rounding; each
+records ``torch_threads``.  The clean-retraining controls, shared by every defense of a seed,
+are retrained by the first worker that needs them and saved in the run's cache folder for the
+others (:meth:`Attacker.control`); two workers that need one at the same moment both retrain
+it, with the same seed, and get the same model.
+
+A worker that dies (out of memory, killed) turns the cells of its group that were not written
+into error rows; the other groups go on.  Ctrl-C cancels the groups not started.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from .plan import Cell
+from .state import CellFailure, summarize
+
+_RUNNER = None  # the worker process's Runner
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _init_worker(job: dict) -> None:
+    import torch
+
+    from ..plugins import Registry
+    from .runner import Runner
+    from .store import ResultsStore
+
+    global _RUNNER
+    torch.set_num_threads(1)
+    _RUNNER = Runner(job["config"], Registry(**job["registry"]), ResultsStore(job["store"]), job["run_id"],
+                     job["run_dir"], progress=False, log=_log)
+
+
+def _group_task(seed: int, dname: str, group: list[Cell]) -> int:
+    _RUNNER.run_group(seed, dname, group)
+    return len(group)
+
+
+def run_in_pool(runner, cells: list[Cell], todo: list[Cell]):
+    """Run ``todo`` (unfinished cells of ``runner``'s run) in ``cfg.run.workers`` processes."""
+    from .runner import groups
+
+    cfg = runner.cfg
+    work = groups(cfg, todo)
+    n = min(cfg.run.workers, len(work))
+    runner.log(f"{len(work)} (seed, defense) groups on {n} worker processes, one torch thread each")
+    job = {"config": cfg, "registry": runner.registry.spec, "run_id": runner.run_id,
+           "run_dir": str(Path(runner.run_dir).resolve()), "store": str(Path(runner.store.path).resolve())}
+    bar = runner._bar(total=len(cells), initial=len(cells) - len(todo), desc=f"cells ({n} workers)")
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(job,))
+    try:
+        futures = {pool.submit(_group_task, seed, dname, group): (seed, dname, group) for seed, dname, group in work}
+        for future in as_completed(futures):
+            seed, dname, group = futures[future]
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - the worker died: its unwritten cells fail
+                written = runner.store.done(runner.run_id)
+                failure = CellFailure(f"worker process failed: {type(exc).__name__}: {exc}", "")
+                for c in group:
+                    if tuple(c) not in written:
+                        runner._write_error(c, failure, stage=f"defense {dname!r}, seed {seed}")
+            bar.update(len(group))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+    pool.shutdown()
+    return summarize(runner, cells, todo)
