@@ -324,3 +324,25 @@ def test_every_provenance_field_a_row_carries_is_documented_in_the_schema(tmp_pa
              | {"timings"})
     undocumented = {k for r in rows for k in r} - known
     assert not undocumented, f"document these row fields in tsdf_bench/schema.py: {sorted(undocumented)}"
+
+
+def test_a_round_on_the_clean_collection_reuses_the_control_instead_of_retraining(tmp_path, monkeypatch):
+    """The `none` defense collects the clean photos: its retraining would recompute the control bit
+    for bit, so the control is reused (and said so); a defense that changes the crops retrains."""
+    from tsdf_bench.harness.attacker import Attacker
+
+    calls = []
+    real = Attacker.retrain
+    monkeypatch.setattr(Attacker, "retrain", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    text = (CONFIG.replace('names = ["fake-shift", "fake-perimage", "fake-broken"]', 'names = ["none", "fake-shift"]')
+            .replace('seeds = [0, 1]', 'seeds = [0]'))
+    rows = run_config(make_config(tmp_path, text), Registry(plugins_dirs=[FAKES]), output=tmp_path / "runs",
+                      progress=False, log=lambda m: None, figures=False).rows
+    retrained = [r for r in rows if r["round"] > 0 and r["adaptation"] == "fake-retrain"]
+    assert retrained and all(r["status"] == "ok" for r in retrained)
+    for r in retrained:
+        same = r["defense"] == "none"
+        assert bool(r.get("retrain_is_control")) == same
+        assert (r["checkpoint_sha256"] == r["control_checkpoint_sha256"]) == same
+    # controls: 2 models x 2 rounds; fake-shift's chains: 2 x 2; none's: reused, not retrained
+    assert len(calls) == 8

@@ -84,7 +84,7 @@ PROVENANCE = {
     "retrain_images": "crops the attacker retrained on", "model_unchanged": "retraining left the weights equal",
     "adaptation_info": "what the adaptation reported",
     "control_checkpoint_sha256": "weights of the clean-retraining control",
-    "control_retrain_images": "crops the control retrained on",
+    "control_retrain_images": "crops the control retrained on", "retrain_is_control": "the round's collection was the clean one, so its retrained model is the control's (not retrained twice)",
     # the defense
     "defense_plugin": "the defense's plugin", "defense_options": "its resolved options", "eps": "its budget",
     "transfer_of": "the defense a [transfer] variant comes from", "fit_key": "sha256 of what the fit depends on",

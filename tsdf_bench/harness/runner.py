@@ -222,8 +222,8 @@ class Runner(ProtectionMixin, MeasureMixin):
                 if k == 1:
                     self.model(cell.model)  # (in a fresh worker process: loads the trained D too)
                     d_net = self._discriminators.get(cell.model)
-                done = self.attacker.retrain(state.model, collection, adaptation, seed=cell.seed, k=k,
-                                             discriminator=d_net)
+                done = self._control_if_same(state, cell, collection, adaptation) or self.attacker.retrain(
+                    state.model, collection, adaptation, seed=cell.seed, k=k, discriminator=d_net)
                 state.model, state.hash, state.usable = done.model, done.hash, collection.usable
                 state.retrain_info = done.info
                 state.shared.update(prep_s=t1 - t0, adapt_s=done.seconds)
@@ -261,6 +261,21 @@ class Runner(ProtectionMixin, MeasureMixin):
         if bar is not None:
             bar.update(1)
         return state
+
+    def _control_if_same(self, state: ChainState, cell: Cell, collection, adaptation):
+        """The control of this round when retraining here would recompute it bit for bit: the
+        collection holds exactly the clean crops (the ``none`` defense, or a protection the
+        preparation removed) and the chain starts from the control's starting model.  Every
+        retraining of a round is seeded alike, so the result would be the same model."""
+        clean = self.attacker.clean_collection(state.model.image_size, adaptation)
+        if collection.kept != clean.kept or not (torch.equal(collection.crops, clean.crops)
+                                                 and torch.equal(collection.attrs, clean.attrs)):
+            return None
+        start = self._model_hash[cell.model] if cell.round == 1 else self._control(cell._replace(round=cell.round - 1)).hash
+        if state.hash != start:
+            return None
+        control = self._control(cell)
+        return replace(control, info={**control.info, "retrain_is_control": True}, seconds=0.0)
 
     def defense_provenance(self, name: str) -> dict:
         """The defense's own resolved options (its table's ``eps`` included, not the global one)."""
