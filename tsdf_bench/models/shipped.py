@@ -89,13 +89,16 @@ def verify(path: Path, name: str, data_hash: str) -> dict:
 
 
 @torch.no_grad()
-def d_change(discriminator, probe: torch.Tensor) -> float:
+def d_change(discriminator, probe: torch.Tensor, model=None) -> float:
     """Largest change of ``discriminator``'s outputs on ``probe`` when its weights are rounded to
-    :data:`D_DTYPE`, relative to its largest float32 output."""
+    :data:`D_DTYPE`, relative to its largest float32 output.  The outputs are ``D(probe)``, or
+    ``model.discriminator_outputs(D, probe)`` for a model whose D takes more than an image (HiSD)."""
     import copy
 
     def flat(d):
-        out = d.eval()(probe)
+        d.eval()
+        with torch.no_grad():
+            out = model.discriminator_outputs(d, probe) if hasattr(model, "discriminator_outputs") else d(probe)
         out = out if isinstance(out, (tuple, list)) else (out,)
         return torch.cat([o.float().flatten() for o in out if torch.is_tensor(o)])
 
@@ -112,7 +115,7 @@ def export(model, discriminator, manifest: dict, out_dir, probe: torch.Tensor, c
     manifest with the total training time."""
     import copy
 
-    change = d_change(discriminator, probe)
+    change = d_change(discriminator, probe, model)
     if change > D_TOLERANCE:
         raise CheckpointError(f"{model.name}: the float16 discriminator's outputs move by {change:.2e} of their "
                               f"range (> {D_TOLERANCE:g}); not shipped")

@@ -24,7 +24,7 @@ measurement to fit about 90 s per model on 2 CPU cores -- a demo, not a reproduc
   BatchNorm it hardly reacts to eps 0.05: docs/model-card-attgan-sensitivity.md);
   HiSD edits HairColor -> blond (one identity wears glasses), without the ALI real term and
   with mappers at the full lr; its demo recipe differs further (see the HiSD module doc):
-  250 warm-up steps of E/G alone at lr 4e-3, Adam betas (0.9, 0.99), then 80 joint steps
+  250 warm-up steps of E/G alone at lr 4e-3, Adam betas (0.9, 0.99), then 1,500 joint steps
   (G lr 1e-4, D lr 5e-4) of translator/extractor/mappers with E/G frozen, an identity-initialised
   translator, no cycle path, a content-change L1 (weight 5) and a smaller D/extractor.
 

@@ -148,7 +148,8 @@ class HiSD(DeepfakeModel):
 
     # the demo-scale training schedule (tsdf_bench.models.zoo.get_model; train() keyword arguments
     # plus "steps"); measured in docs/model-card.md
-    demo_recipe = dict(steps=80, batch_size=8, lr=1e-4, lr_d=5e-4, betas=(0.9, 0.99), recon_warmup_steps=250,
+    demo_weights_dir = Path(__file__).with_name("weights")  # shipped demo checkpoints (tsdf_bench.models.shipped)
+    demo_recipe = dict(steps=1500, batch_size=8, lr=1e-4, lr_d=5e-4, betas=(0.9, 0.99), recon_warmup_steps=250,
                        recon_lr=4e-3, reg_every=4)
 
     name = "hisd"
@@ -331,6 +332,18 @@ class HiSD(DeepfakeModel):
         parameter groups should use :meth:`optimizer_param_groups` instead.
         """
         return [p for n, p in self.named_parameters() if not n.startswith("mappers.")]
+
+    def discriminator_outputs(self, discriminator: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """The discriminator's outputs on ``x`` for every tag, with seeded style codes and
+        tag-irrelevant inputs (its forward takes them beside the image); for the shipped float16
+        check (:func:`tsdf_bench.models.shipped.d_change`)."""
+        g = torch.Generator().manual_seed(0)
+        outs = []
+        for tag in range(len(TAGS)):
+            s = torch.randn(x.shape[0], self.style_dim, generator=g).to(x)
+            y = torch.randn(x.shape[0], TAG_IRRELEVANT_DIM, generator=g).to(x)
+            outs.append(discriminator(x, s, y, tag))
+        return outs
 
     def make_discriminator(self) -> nn.Module:
         d = HiSDDiscriminator(self.config["discriminators"], self.style_dim)
