@@ -107,3 +107,25 @@ def test_a_changed_checkpoint_is_refitted_not_reused(tmp_path):
     after = changed.protect(0, "fake-shift")
     assert after.info["fit_key"] != before.info["fit_key"]
     assert len(list((tmp_path / "run" / "cache").glob("protected-fake-shift-seed0-*.pt"))) == 2
+
+
+def test_cli_overrides_seeds_publish_and_workers(tmp_path, capsys):
+    """A replication on new seeds from the same config: --seeds changes the run (and its hash),
+    --publish redirects the tables, --workers only how it runs; --seeds cannot change a resumed run."""
+    config = tmp_path / "fake.toml"
+    config.write_text(CONFIG.replace('names = ["fake-shift", "fake-perimage", "fake-broken"]', 'names = ["fake-shift"]')
+                      .replace("rounds = 2", "rounds = 1"))
+    code, _, err = cli_here(capsys, str(config), "--output", str(tmp_path / "a"), "--seeds", "3,4",
+                            "--publish", str(tmp_path / "pub"), "--workers", "2", "--no-figures")
+    assert code == 0, err
+    (run,) = ResultsStore(tmp_path / "a" / "results.sqlite").runs()
+    rows = ResultsStore(tmp_path / "a" / "results.sqlite").rows(run["run_id"])
+    assert {r["seed"] for r in rows} == {3, 4} and {r["torch_threads"] for r in rows} == {1}
+    assert (tmp_path / "pub" / "leaderboard.md").is_file()
+    code, _, err = cli_here(capsys, str(config), "--output", str(tmp_path / "b"), "--no-figures")
+    base = ResultsStore(tmp_path / "b" / "results.sqlite").rows()
+    assert {r["seed"] for r in base} == {0, 1} and base[0]["config_hash"] != rows[0]["config_hash"]
+    code, _, err = cli_here(capsys, "--resume", run["run_id"], "--output", str(tmp_path / "a"), "--seeds", "5")
+    assert code != 0 and "--seeds cannot change a run being resumed" in err
+    code, _, err = cli_here(capsys, str(config), "--output", str(tmp_path / "c"), "--seeds", "x")
+    assert code != 0 and "--seeds 'x'" in err

@@ -29,6 +29,10 @@ def add_arguments(parser):
                              "with GPUs; else 0)")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="override [run] workers: N local processes, one torch thread each (the local executor)")
+    parser.add_argument("--seeds", metavar="S,S,...",
+                        help="override [run] seeds, e.g. --seeds 3,4,5 to replicate a run on new seeds (a new config hash)")
+    parser.add_argument("--publish", metavar="DIR",
+                        help="override [run] publish: copy the tables to DIR instead ('' publishes nowhere)")
     parser.add_argument("--check", action="store_true",
                         help="preflight only: load every model, detector and data entry the config names, push one "
                              "batch through each, verify checkpoint files (sha256), estimate memory and disk for the "
@@ -39,6 +43,7 @@ def add_arguments(parser):
 
 def main(args, registry) -> int:
     from ..config import load_config
+    from ..errors import ConfigError
     from ..harness.session import run_config, stored_config, DB_NAME
     from ..harness.store import ResultsStore
 
@@ -51,6 +56,15 @@ def main(args, registry) -> int:
         overrides["run__device"] = args.device
     if getattr(args, "no_optimize", False):
         overrides["run__optimize"] = False  # not hashed: a resume may switch it
+    if args.seeds is not None:
+        if args.resume is not None:
+            raise ConfigError("--seeds cannot change a run being resumed; start a new run with --seeds")
+        try:
+            overrides["run__seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. --seeds 3,4,5") from None
+    if args.publish is not None:
+        overrides["run__publish"] = args.publish  # not hashed
     if args.workers is not None:
         overrides["run__workers"] = args.workers  # not hashed either
     if cfg is None and overrides:  # resuming from the stored config with an override
