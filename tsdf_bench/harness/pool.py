@@ -3,16 +3,18 @@
 The unit of work is a **(seed, defense) group**, the unit :meth:`Runner.run_group` runs in the
 sequential loop: fit and apply the defense, then every (model, adaptation) chain of its cells.
 Groups go to the workers in run order (seeds outer), each worker takes the next group when it
-finishes one, so N workers stay busy however the groups differ in cost.
+finishes one, so N workers stay busy however the groups differ in cost.  Before a seed's groups
+comes one task that retrains that seed's clean-retraining controls (shared by all its defenses),
+so a worker that reaches a retraining round finds its control already saved instead of
+retraining it at the same moment as another worker.
 
 Each worker is a fresh (spawned) process with **one torch thread**, its own :class:`Runner` and
 its own connection to the run's SQLite store (each cell is one transaction; WAL), so rows are
 written as they finish and ``--resume`` works as with one process.  Models, detectors and data
 load once per worker.  Rows depend on the torch thread count only through float rounding; each
 records ``torch_threads``.  The clean-retraining controls, shared by every defense of a seed,
-are retrained by the first worker that needs them and saved in the run's cache folder for the
-others (:meth:`Attacker.control`); two workers that need one at the same moment both retrain
-it, with the same seed, and get the same model.
+are saved in the run's cache folder for the other workers (:meth:`Attacker.control`); a worker
+that needs one before it is saved retrains it itself, with the same seed, and gets the same model.
 
 A worker that dies (out of memory, killed) turns the cells of its group that were not written
 into error rows; the other groups go on.  Ctrl-C cancels the groups not started.
@@ -52,6 +54,21 @@ def _group_task(seed: int, dname: str, group: list[Cell]) -> int:
     return len(group)
 
 
+def _controls_task(cells: list[Cell]) -> int:
+    """Retrain (and save) the controls of ``cells``, one per (model, adaptation, round >= 1)."""
+    for cell in cells:
+        try:
+            _RUNNER._control(cell)
+        except Exception:  # noqa: BLE001 - the cells that need this control record the failure
+            pass
+    return 0
+
+
+def _control_cells(seed: int, todo: list[Cell]) -> list[Cell]:
+    keys = dict.fromkeys((c.model, c.adaptation, c.round) for c in todo if c.seed == seed and c.round > 0)
+    return [Cell("", m, a, k, seed) for m, a, k in keys]
+
+
 def run_in_pool(runner, cells: list[Cell], todo: list[Cell]):
     """Run ``todo`` (unfinished cells of ``runner``'s run) in ``cfg.run.workers`` processes."""
     from .runner import groups
@@ -66,7 +83,13 @@ def run_in_pool(runner, cells: list[Cell], todo: list[Cell]):
     pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                initargs=(job,))
     try:
-        futures = {pool.submit(_group_task, seed, dname, group): (seed, dname, group) for seed, dname, group in work}
+        futures = {}
+        for seed, dname, group in work:
+            if not any(s == seed for s, _, _ in futures.values()):
+                controls = _control_cells(seed, todo)
+                if controls:
+                    futures[pool.submit(_controls_task, controls)] = (seed, "controls", [])
+            futures[pool.submit(_group_task, seed, dname, group)] = (seed, dname, group)
         for future in as_completed(futures):
             seed, dname, group = futures[future]
             try:
