@@ -1,7 +1,8 @@
 """Run a command and report its wall time and the peak of the summed RSS of its process tree.
 
 ``python benchmarks/tree_rss.py -- tsdf-bench run configs/demo.toml`` prints one JSON line at the
-end: ``{"wall_s", "peak_tree_rss_mib", "peak_processes", "rc"}``.  With ``[run] workers = N`` a
+end: ``{"wall_s", "peak_tree_rss_mib", "peak_processes", "process_peaks_mib", "rc"}`` (the last:
+each process's own peak, largest first).  With ``[run] workers = N`` a
 run is N + 1 processes, so ``getrusage``'s maxrss (one process) would understate the footprint:
 this samples ``/proc/<pid>/status`` of the command and all its descendants every 0.2 s (a peak
 shorter than that can be missed).  Linux only.
@@ -35,17 +36,16 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def tree_rss_kib(root: int) -> tuple[int, int]:
-    """(summed RSS in KiB, number of processes) of ``root`` and its descendants."""
-    seen, todo, total = set(), [root], 0
+def tree_rss_kib(root: int) -> dict[int, int]:
+    """RSS in KiB of ``root`` and each of its descendants, by pid."""
+    out, todo = {}, [root]
     while todo:
         pid = todo.pop()
-        if pid in seen:
+        if pid in out:
             continue
-        seen.add(pid)
-        total += _rss_kib(pid)
+        out[pid] = _rss_kib(pid)
         todo += _children(pid)
-    return total, len(seen)
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -56,14 +56,18 @@ def main(argv: list[str]) -> int:
         return 2
     start = time.perf_counter()
     proc = subprocess.Popen(argv)
-    peak, peak_n = 0, 0
+    peak, peak_n, own = 0, 0, {}
     while proc.poll() is None:
-        rss, n = tree_rss_kib(proc.pid)
-        if rss > peak:
-            peak, peak_n = rss, n
+        tree = tree_rss_kib(proc.pid)
+        if sum(tree.values()) > peak:
+            peak, peak_n = sum(tree.values()), len(tree)
+        for pid, rss in tree.items():
+            own[pid] = max(own.get(pid, 0), rss)
         time.sleep(0.2)
     result = {"wall_s": round(time.perf_counter() - start, 1), "peak_tree_rss_mib": round(peak / 1024, 1),
-              "peak_processes": peak_n, "rc": proc.returncode}
+              "peak_processes": peak_n,
+              "process_peaks_mib": sorted((round(v / 1024, 1) for v in own.values()), reverse=True)[:8],
+              "rc": proc.returncode}
     print(json.dumps(result), flush=True)
     return proc.returncode
 

@@ -406,6 +406,12 @@ def test_command_reads_store_and_renders(tmp_path):
     assert len(json.loads(out.read_text())) == len(rows)
     assert main(["leaderboard", "--results", str(tmp_path / "nope.sqlite")]) == 2
     assert not (tmp_path / "nope.sqlite").exists()
+    # a published leaderboard.json re-renders to the same tables
+    again = load_rows(out)
+    assert len(again) == len(rows) and leaderboard_text(again, "markdown") == md
+    (tmp_path / "bad.json").write_text('{"not": "rows"}')
+    with pytest.raises(Exception, match="not a leaderboard.json"):
+        load_rows(tmp_path / "bad.json")
 
 
 def test_detection_table_reports_recall_per_detector_and_crop_yield():

@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .paths import temp_path
 
 DEFAULT_MAX_PIXELS = 50_000_000
 """Images with more pixels are refused (50 MP: larger than any face photo, far below a bomb)."""
@@ -183,7 +184,7 @@ def write_png(path, image, overwrite: bool = False) -> Path:
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"expected uint8 [H, W, 3] or a [3, H, W] tensor, got {arr.dtype} {arr.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     Image.fromarray(arr, "RGB").save(tmp, format="PNG")
     os.replace(tmp, path)
     return path

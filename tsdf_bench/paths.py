@@ -22,3 +22,10 @@ def cache_dir(*parts: str) -> Path:
     path = cache_root().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def temp_path(path: Path) -> Path:
+    """A temporary name beside ``path`` for an atomic write (write it, then ``os.replace``): unique
+    per process, so two worker processes writing the same cache file never collide."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -4,7 +4,8 @@ Reads rows with :class:`tsdf_bench.harness.store.ResultsStore` and renders them 
 :func:`tsdf_bench.leaderboard.render` (markdown, csv, latex or json) to stdout or ``--output``;
 ``--out-dir`` writes all four files.  ``--results`` takes the SQLite file or a folder holding
 ``results.sqlite``; a run's own folder (``<output>/<run_id>/``) also works: the database of its
-parent is read, restricted to that run unless ``--run-id`` says otherwise.
+parent is read, restricted to that run unless ``--run-id`` says otherwise.  A published
+``leaderboard.json`` (its rows) works too: re-rendering a published run with the current tables.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ DEFAULT_DB = Path("runs") / DB_NAME
 
 def add_arguments(parser):
     parser.add_argument("--results", default=str(DEFAULT_DB), metavar="PATH",
-                        help=f"results database or run folder (default {DEFAULT_DB})")
+                        help=f"results database, run folder or a published leaderboard.json (default {DEFAULT_DB})")
     parser.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default markdown)")
     parser.add_argument("--run-id", default=None, metavar="ID",
                         help="only this run ('latest' for the newest); default: every run, newest row per cell")
@@ -47,9 +48,12 @@ def resolve_results(path) -> tuple[Path, str | None]:
 
 
 def load_rows(path, run_id: str | None = None) -> list[dict]:
-    """Rows of the results database at ``path`` (file or folder), optionally of one run."""
+    """Rows of the results database at ``path`` (file or folder) or of a published
+    ``leaderboard.json``, optionally of one run."""
     from ..harness.store import ResultsStore
 
+    if Path(path).suffix == ".json" and Path(path).is_file():
+        return _json_rows(Path(path), run_id)
     db, implied = resolve_results(path)
     store = ResultsStore(db)
     run_id = run_id or implied
@@ -61,6 +65,22 @@ def load_rows(path, run_id: str | None = None) -> list[dict]:
     if not rows:
         which = f" for run {run_id!r}" if run_id else ""
         raise TsdfBenchError(f"{db} holds no results{which}; run `tsdf-bench run CONFIG` first")
+    return rows
+
+
+def _json_rows(path: Path, run_id: str | None) -> list[dict]:
+    import json
+
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise TsdfBenchError(f"--results {path}: not JSON ({exc})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "defense" in r for r in rows):
+        raise TsdfBenchError(f"--results {path}: not a leaderboard.json (a list of result rows)")
+    if run_id not in (None, "latest"):
+        rows = [r for r in rows if str(r.get("run_id", "")).startswith(run_id)]
+    if not rows:
+        raise TsdfBenchError(f"--results {path}: no rows" + (f" of run {run_id!r}" if run_id else ""))
     return rows
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, ImageError, TsdfBenchError
 from ..hashing import file_sha256
+from ..paths import temp_path
 
 HELP = "protect a folder of your own photos with a defense (lossless PNGs + a JSON record)"
 RECORD_NAME = "protect-record.json"
@@ -206,7 +207,7 @@ def main(args, registry):
               "models": list(args.models), "detectors": list(args.detectors), "scale": args.scale,
               "perturbation": perturbation_info, "files": files, "failures": failures, "skipped": skipped,
               "seconds": round(time.perf_counter() - start, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(record_path)
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
     os.replace(tmp, record_path)
     print(f"protected {len(files)} image(s) with {defense.name} into {args.output}; "

@@ -54,7 +54,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from ..hashing import file_sha256
 from ..imageio import read_image_uint8
-from ..paths import cache_dir
+from ..paths import cache_dir, temp_path
 from ._common import ATTGAN_ATTRS, DatasetError, FaceSet
 
 FACES_CSV = Path(__file__).with_name("embedded_faces.csv")
@@ -275,7 +275,7 @@ def load_embedded(image_size: int = 128, n_train: int = 320, n_eval: int = 96, s
     if cache_file is not None:
         blob = {role: {"images": fs.images, "attrs": fs.attrs, "attr_names": fs.attr_names, "ids": fs.ids}
                 for role, fs in sets.items()}
-        tmp = cache_file.with_suffix(".tmp")
+        tmp = temp_path(cache_file)
         torch.save(blob, tmp)
         tmp.replace(cache_file)
     return EmbeddedData(**sets, **meta)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..errors import CheckpointError
 from ..hashing import tensors_sha256
 from ..speed import Switch
+from ..paths import temp_path
 
 
 class Defense:
@@ -105,7 +106,7 @@ def save_perturbation(path, perturbation: torch.Tensor, provenance: dict) -> Pat
     meta = dict(provenance, sha256=tensors_sha256(perturbation), shape=list(perturbation.shape))
     buf = io.BytesIO()
     torch.save({"perturbation": perturbation.detach().cpu().float(), "provenance": json.dumps(meta, sort_keys=True)}, buf)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = temp_path(path)
     tmp.write_bytes(buf.getvalue())
     tmp.replace(path)
     return path

@@ -38,6 +38,7 @@ from ..hashing import state_sha256
 from .data import select_attrs, to_size
 from .provenance import derived_seed
 from .state import _cached
+from ..paths import temp_path
 
 CROP_IOU_USABLE = 0.5
 
@@ -233,7 +234,7 @@ class Attacker:
 
 def _save_control(path: Path, done: Retrained) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     torch.save({"state": {k: v.detach().cpu() for k, v in done.model.state_dict().items()}, "hash": done.hash,
                 "info": done.info}, tmp)
     os.replace(tmp, path)  # atomic: another worker sees the whole file or none

@@ -75,6 +75,14 @@ def run_in_pool(runner, cells: list[Cell], todo: list[Cell]):
 
     cfg = runner.cfg
     work = groups(cfg, todo)
+    # load (a demo model: train into the cache, build its data cache) every model once here, so
+    # that no two workers train or cache the same one at once; a failure is the cells' to record
+    for name in dict.fromkeys(c.model for c in todo):
+        try:
+            runner.model(name)
+        except Exception:  # noqa: BLE001
+            pass
+    runner.drop_models()  # the workers load their own
     n = min(cfg.run.workers, len(work))
     runner.log(f"{len(work)} (seed, defense) groups on {n} worker processes, one torch thread each")
     job = {"config": cfg, "registry": runner.registry.spec, "run_id": runner.run_id,

@@ -12,6 +12,7 @@ from .data import select_attrs
 from .measure import log_phase
 from ..hashing import tensors_sha256
 from .state import Protected, _cached, _Failed, _seed
+from ..paths import temp_path
 
 
 def fit_key(plugin: str, options: dict, seed: int, model_hashes: dict, detectors: list, data_hash: str) -> str:
@@ -99,7 +100,7 @@ class ProtectionMixin:
         result = Protected(protected["collect"], protected["eval"], digest,
                            {"fit_s": t1 - t0, "protect_s": t2 - t1}, info)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        tmp = temp_path(cache)
         torch.save({"collect": result.collect, "eval": result.eval, "perturbation_sha256": digest,
                     "timings": result.timings, "info": info}, tmp)
         tmp.replace(cache)

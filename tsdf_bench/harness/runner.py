@@ -171,6 +171,18 @@ class Runner(ProtectionMixin, MeasureMixin):
         model.optimize = self.optimize  # the run's switch, for generate_targets and the defenses
         return speed.channels_last(model.to(self.device).eval(), self.optimize)
 
+    def drop_models(self) -> None:
+        """Forget the loaded models and discriminators (and give their memory back to the system):
+        the pool's parent process after it has made sure each loads, before its workers start."""
+        import gc
+
+        from .streaming import _malloc_trim
+
+        self._models.clear()
+        self._discriminators.clear()
+        gc.collect()
+        _malloc_trim()
+
     def detector(self, name: str):
         def load():
             det = self.registry.create("detector", name, **self.cfg.detectors.options_for(name))

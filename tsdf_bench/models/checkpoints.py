@@ -40,6 +40,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..hashing import file_sha256
+from ..paths import temp_path
 
 FORMAT = "tsdf-bench-model/1"
 DATAPARALLEL_PREFIX = "module."
@@ -189,7 +190,7 @@ def save_model(model, path, discriminator=None, manifest: dict | None = None) ->
             "config": json.dumps(getattr(model, "config", {}), sort_keys=True),
             "state_dict": model.state_dict(),
             "discriminator": discriminator.state_dict() if discriminator is not None else {}}
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = temp_path(path)
     torch.save(blob, tmp)
     os.replace(tmp, path)
     info = {"model": blob["model"], "scale": blob["scale"], "config": getattr(model, "config", {}),

@@ -57,6 +57,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..hashing import tensors_sha256
+from ..paths import temp_path
 
 STATE_FILE = "train_state.pt"
 DEFAULTS = {"lr_g": 1e-4, "lr_d": 1e-4, "betas": (0.5, 0.999), "n_critic": 5}
@@ -144,7 +145,7 @@ def data_fingerprint(images: torch.Tensor, attrs: torch.Tensor) -> str:
 
 
 def _atomic_save(obj, path: Path):
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = temp_path(path)
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
