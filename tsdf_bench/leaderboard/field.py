@@ -76,7 +76,8 @@ def transferability(rows) -> tuple[list[dict], dict]:
         measured = {(s, t): _means(rs, columns) for (dd, aa, s, t), rs in cells.items() if (dd, aa) == (d, a)}
         white = {t: m for (s, t), m in measured.items() if s == t}
         matrices[(d, a)] = te_matrix(white, measured, metrics=quality, id_metric=identity)
-        for source, score in te_scores(white, measured, metrics=quality, id_metric=identity).items():
+        scores = te_scores(white, measured, metrics=quality, id_metric=identity)
+        for source, score in sorted(scores.items(), key=lambda item: str(item[0])):
             lines.append({"defense": d, "adaptation": a, "source": source, **score,
                           "terms": [*quality, *([identity] if identity else [])]})
     return lines, matrices
