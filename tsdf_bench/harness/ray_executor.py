@@ -40,7 +40,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..paths import CACHE_ENV, cache_root
 from .plan import Cell
-from .runner import Runner, RunSummary
+from .runner import Runner, RunSummary, groups
 from .state import CellFailure, summarize
 
 _RUNNERS: dict[str, Runner] = {}  # in a worker process: run id -> its Runner
@@ -154,20 +154,16 @@ def _submit_and_collect(ray, runner: Runner, cpus_per_task: float, gpus_per_task
 
     ray.get([prepare.remote(job_ref, m) for m in dict.fromkeys(c.model for c in todo)])
     pending = {}
-    for seed in cfg.run.seeds:
-        for dname in cfg.defenses.names:
-            group = [c for c in todo if c.seed == seed and c.defense == dname]
-            if not group:
-                continue
-            prot_ref = protect.remote(job_ref, seed, dname)
-            for chain in _chains(group):
-                wanted = {c.round: c for c in chain}
-                state_ref = None
-                for k in range(max(wanted) + 1):
-                    cell = wanted.get(k) or chain[0]._replace(round=k)
-                    rows_ref, state_ref = cell_task.remote(job_ref, cell, k in wanted, prot_ref, state_ref)
-                    if k in wanted:
-                        pending[rows_ref] = cell
+    for seed, dname, group in groups(cfg, todo):
+        prot_ref = protect.remote(job_ref, seed, dname)
+        for chain in _chains(group):
+            wanted = {c.round: c for c in chain}
+            state_ref = None
+            for k in range(max(wanted) + 1):
+                cell = wanted.get(k) or chain[0]._replace(round=k)
+                rows_ref, state_ref = cell_task.remote(job_ref, cell, k in wanted, prot_ref, state_ref)
+                if k in wanted:
+                    pending[rows_ref] = cell
     bar = runner._bar(total=len(cells), initial=len(cells) - len(todo), desc="cells (ray)")
     try:
         while pending:

@@ -34,12 +34,12 @@ import torch
 
 from .. import speed
 from ..config import RunConfig
+from ..hashing import state_sha256
 from .attacker import Attacker, ModelChangedInPlace
 from .data import RunData, load_run_data
 from .measure import MeasureMixin, log_phase
 from .plan import Cell, create_checked, default_metrics, plan_cells
 from .protection import ProtectionMixin
-from ..hashing import state_sha256
 from .provenance import device_description, git_state, resolve_device, versions
 from .state import ChainState, CellFailure, Protected, RunSummary, _cached, _Failed, summarize
 from .store import ResultsStore
