@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 import weakref
+from dataclasses import replace
 
 import torch
 
@@ -308,6 +309,21 @@ class MeasureMixin:
         worst = self._rate_columns("sr_mask_worst", {"original": scored["orig"], "retrained": success}[best], photos)
         out.update({k: v for k, v in worst.items()}, attacker_keeps=best)
         return out
+
+    def _control_if_same(self, state, cell: Cell, collection, adaptation):
+        """The control of this round when retraining here would recompute it bit for bit: the
+        collection holds exactly the clean crops (the ``none`` defense, or a protection the
+        preparation removed) and the chain starts from the control's starting model.  Every
+        retraining of a round is seeded alike, so the result would be the same model."""
+        clean = self.attacker.clean_collection(state.model.image_size, adaptation)
+        if collection.kept != clean.kept or not (torch.equal(collection.crops, clean.crops)
+                                                 and torch.equal(collection.attrs, clean.attrs)):
+            return None
+        start = self._model_hash[cell.model] if cell.round == 1 else self._control(cell._replace(round=cell.round - 1)).hash
+        if state.hash != start:
+            return None
+        control = self._control(cell)
+        return replace(control, info={**control.info, "retrain_is_control": True}, seconds=0.0)
 
     def _control(self, cell: Cell):
         """The clean-retraining control of ``cell``'s round (the attacker's, shared by every defense;

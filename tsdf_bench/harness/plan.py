@@ -113,3 +113,15 @@ def _parameters(factory) -> set[str]:
     except (TypeError, ValueError):
         return set()
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+
+
+def groups(cfg, cells: list[Cell]) -> list[tuple[int, str, list[Cell]]]:
+    """``cells`` as ``(seed, defense, cells)`` groups in run order (seeds outer): the unit that
+    shares one fitted defense."""
+    out = []
+    for seed in cfg.run.seeds:
+        for dname in cfg.defenses.names:
+            group = [c for c in cells if c.seed == seed and c.defense == dname]
+            if group:
+                out.append((seed, dname, group))
+    return out

@@ -26,7 +26,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from .plan import Cell
+from .plan import Cell, groups
 from .state import CellFailure, summarize
 
 _RUNNER = None  # the worker process's Runner
@@ -69,9 +69,20 @@ def _control_cells(seed: int, todo: list[Cell]) -> list[Cell]:
     return [Cell("", m, a, k, seed) for m, a, k in keys]
 
 
+def _drop_models(runner) -> None:
+    """Forget the parent's loaded models and give their memory back to the system."""
+    import gc
+
+    from .streaming import _malloc_trim
+
+    runner._models.clear()
+    runner._discriminators.clear()
+    gc.collect()
+    _malloc_trim()
+
+
 def run_in_pool(runner, cells: list[Cell], todo: list[Cell]):
     """Run ``todo`` (unfinished cells of ``runner``'s run) in ``cfg.run.workers`` processes."""
-    from .runner import groups
 
     cfg = runner.cfg
     work = groups(cfg, todo)
@@ -82,7 +93,7 @@ def run_in_pool(runner, cells: list[Cell], todo: list[Cell]):
             runner.model(name)
         except Exception:  # noqa: BLE001
             pass
-    runner.drop_models()  # the workers load their own
+    _drop_models(runner)  # the workers load their own
     n = min(cfg.run.workers, len(work))
     runner.log(f"{len(work)} (seed, defense) groups on {n} worker processes, one torch thread each")
     job = {"config": cfg, "registry": runner.registry.spec, "run_id": runner.run_id,

@@ -39,8 +39,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..paths import CACHE_ENV, cache_root
-from .plan import Cell
-from .runner import Runner, RunSummary, groups
+from .plan import Cell, groups
+from .runner import Runner, RunSummary
 from .state import CellFailure, summarize
 
 _RUNNERS: dict[str, Runner] = {}  # in a worker process: run id -> its Runner

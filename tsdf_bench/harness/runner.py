@@ -38,7 +38,7 @@ from ..hashing import state_sha256
 from .attacker import Attacker, ModelChangedInPlace
 from .data import RunData, load_run_data
 from .measure import MeasureMixin, log_phase
-from .plan import Cell, create_checked, default_metrics, plan_cells
+from .plan import Cell, create_checked, default_metrics, groups, plan_cells
 from .protection import ProtectionMixin
 from .provenance import device_description, git_state, resolve_device, versions
 from .state import ChainState, CellFailure, Protected, RunSummary, _cached, _Failed, summarize
@@ -171,18 +171,6 @@ class Runner(ProtectionMixin, MeasureMixin):
         model.optimize = self.optimize  # the run's switch, for generate_targets and the defenses
         return speed.channels_last(model.to(self.device).eval(), self.optimize)
 
-    def drop_models(self) -> None:
-        """Forget the loaded models and discriminators (and give their memory back to the system):
-        the pool's parent process after it has made sure each loads, before its workers start."""
-        import gc
-
-        from .streaming import _malloc_trim
-
-        self._models.clear()
-        self._discriminators.clear()
-        gc.collect()
-        _malloc_trim()
-
     def detector(self, name: str):
         def load():
             det = self.registry.create("detector", name, **self.cfg.detectors.options_for(name))
@@ -274,21 +262,6 @@ class Runner(ProtectionMixin, MeasureMixin):
             bar.update(1)
         return state
 
-    def _control_if_same(self, state: ChainState, cell: Cell, collection, adaptation):
-        """The control of this round when retraining here would recompute it bit for bit: the
-        collection holds exactly the clean crops (the ``none`` defense, or a protection the
-        preparation removed) and the chain starts from the control's starting model.  Every
-        retraining of a round is seeded alike, so the result would be the same model."""
-        clean = self.attacker.clean_collection(state.model.image_size, adaptation)
-        if collection.kept != clean.kept or not (torch.equal(collection.crops, clean.crops)
-                                                 and torch.equal(collection.attrs, clean.attrs)):
-            return None
-        start = self._model_hash[cell.model] if cell.round == 1 else self._control(cell._replace(round=cell.round - 1)).hash
-        if state.hash != start:
-            return None
-        control = self._control(cell)
-        return replace(control, info={**control.info, "retrain_is_control": True}, seconds=0.0)
-
     def defense_provenance(self, name: str) -> dict:
         """The defense's own resolved options (its table's ``eps`` included, not the global one)."""
         options = self.cfg.defenses.options_for(name)
@@ -362,17 +335,6 @@ class Runner(ProtectionMixin, MeasureMixin):
                         bar.set_description(f"{dname}/{mname}/{aname} (seed {seed})")
                     self.run_chain(chain, prot, bar)
 
-
-def groups(cfg, cells: list[Cell]) -> list[tuple[int, str, list[Cell]]]:
-    """``cells`` as ``(seed, defense, cells)`` groups in run order (seeds outer): the unit that
-    shares one fitted defense."""
-    out = []
-    for seed in cfg.run.seeds:
-        for dname in cfg.defenses.names:
-            group = [c for c in cells if c.seed == seed and c.defense == dname]
-            if group:
-                out.append((seed, dname, group))
-    return out
 
 
 def _file_record(record: dict) -> dict:
