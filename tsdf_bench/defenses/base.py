@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError
 from ..hashing import tensors_sha256
-from ..speed import Switch
 from ..paths import temp_path
+from ..speed import Switch
 
 
 class Defense:

@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 
 from ..errors import TsdfBenchError
-from ..metrics import SUCCESS_THRESHOLD
 from ..hashing import state_sha256
+from ..metrics import SUCCESS_THRESHOLD
+from ..paths import temp_path
 from .data import select_attrs, to_size
 from .provenance import derived_seed
 from .state import _cached
-from ..paths import temp_path
 
 CROP_IOU_USABLE = 0.5
 

@@ -83,7 +83,6 @@ def _drop_models(runner) -> None:
 
 def run_in_pool(runner, cells: list[Cell], todo: list[Cell]):
     """Run ``todo`` (unfinished cells of ``runner``'s run) in ``cfg.run.workers`` processes."""
-
     cfg = runner.cfg
     work = groups(cfg, todo)
     # load (a demo model: train into the cache, build its data cache) every model once here, so

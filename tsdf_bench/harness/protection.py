@@ -8,11 +8,11 @@ import time
 import torch
 
 from .. import speed
+from ..hashing import tensors_sha256
+from ..paths import temp_path
 from .data import select_attrs
 from .measure import log_phase
-from ..hashing import tensors_sha256
 from .state import Protected, _cached, _Failed, _seed
-from ..paths import temp_path
 
 
 def fit_key(plugin: str, options: dict, seed: int, model_hashes: dict, detectors: list, data_hash: str) -> str:
