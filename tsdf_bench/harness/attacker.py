@@ -200,18 +200,19 @@ class Attacker:
             info["adaptation_info"] = dict(last)
         return Retrained(new, digest, info, time.perf_counter() - t0)
 
-    def control(self, name: str, adaptation_name: str, adaptation, seed: int, k: int, base, discriminator=None):
+    def control(self, name: str, adaptation_name: str, adaptation, seed: int, k: int, base, discriminator=None, *,
+                base_hash: str):
         """The clean-retraining control of round ``k`` (cached: computed once per (model,
-        adaptation, seed, round) and shared by every defense).  ``base`` is the round-0 model."""
+        adaptation, seed, round) and shared by every defense).  ``base`` is the round-0 model,
+        ``base_hash`` its weights' digest (it keys the saved controls)."""
         def compute():
             path = None
             if self.controls_dir is not None:
-                base_hash = state_sha256(base.state_dict())[:16]
-                path = Path(self.controls_dir) / f"{name}-{adaptation_name}-seed{seed}-round{k}-{base_hash}.pt"
+                path = Path(self.controls_dir) / f"{name}-{adaptation_name}-seed{seed}-round{k}-{base_hash[:16]}.pt"
                 if path.is_file():  # retrained by another worker of this run
                     return _load_control(path, base, self.device)
             previous = base if k == 1 else self.control(name, adaptation_name, adaptation, seed, k - 1, base,
-                                                        discriminator).model
+                                                        discriminator, base_hash=base_hash).model
             clean = self.clean_collection(base.image_size, adaptation)
             done = self.retrain(previous, clean, adaptation, seed=seed, k=k,
                                 discriminator=discriminator if k == 1 else None)

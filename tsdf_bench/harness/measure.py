@@ -332,7 +332,8 @@ class MeasureMixin:
         fresh = not self.attacker.has_control(cell.model, cell.adaptation, cell.seed, cell.round)
         t0 = time.perf_counter()
         control = self.attacker.control(cell.model, cell.adaptation, self.adaptations[cell.adaptation], cell.seed,
-                                        cell.round, self.model(cell.model), self._discriminators.get(cell.model))
+                                        cell.round, self.model(cell.model), self._discriminators.get(cell.model),
+                                        base_hash=self._model_hash[cell.model])
         if fresh:
             log_phase(getattr(self, "log", lambda msg: None), "control",
                       f"{cell.model}/{cell.adaptation}/round {cell.round}/seed {cell.seed}", time.perf_counter() - t0)

@@ -102,12 +102,12 @@ def run_in_pool(runner, cells: list[Cell], todo: list[Cell]):
                                initargs=(job,))
     try:
         futures = {}
-        for seed, dname, group in work:
-            if not any(s == seed for s, _, _ in futures.values()):
-                controls = _control_cells(seed, todo)
-                if controls:
-                    futures[pool.submit(_controls_task, controls)] = (seed, "controls", [])
-            futures[pool.submit(_group_task, seed, dname, group)] = (seed, dname, group)
+        for seed in dict.fromkeys(seed for seed, _, _ in work):
+            controls = _control_cells(seed, todo)
+            if controls:  # before the seed's groups, which need them
+                futures[pool.submit(_controls_task, controls)] = (seed, "controls", [])
+            for group in (g for g in work if g[0] == seed):
+                futures[pool.submit(_group_task, *group)] = group
         for future in as_completed(futures):
             seed, dname, group = futures[future]
             try:
