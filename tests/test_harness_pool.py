@@ -2,7 +2,9 @@
 through the run's cache, a worker that dies turns only its group's cells into error rows."""
 import torch
 
+from tsdf_bench.config import from_dict
 from tsdf_bench.harness import run_config
+from tsdf_bench.harness.pool import by_defense
 from tsdf_bench.plugins import Registry
 
 from test_runner import CONFIG, FAKES, make_config
@@ -74,3 +76,10 @@ def test_a_dead_worker_fails_its_cells_and_keeps_the_finished_ones(tmp_path):
     # the other group either finished before the pool broke or failed the same way: never half-written
     other = [r for r in out.rows if r["defense"] == "fake-shift"]
     assert len(other) == 8 and all(r["status"] == "ok" or "worker process failed" in r["error"] for r in other)
+
+
+def test_groups_go_out_defense_by_defense_so_the_cheap_last_defense_ends_the_run():
+    cfg = from_dict({"run": {"seeds": [0, 1]}, "models": {"names": ["stargan"]},
+                     "defenses": {"names": ["tsdf", "none"]}})
+    work = [(seed, d, []) for seed in (0, 1) for d in ("tsdf", "none")]
+    assert [(s, d) for s, d, _ in by_defense(cfg, work)] == [(0, "tsdf"), (1, "tsdf"), (0, "none"), (1, "none")]

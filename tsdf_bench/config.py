@@ -193,9 +193,18 @@ class AdaptationsSection(VariantsMixin, PluginSection):
 
     def options_for(self, name: str) -> dict[str, Any]:
         options = self._options(name)
-        for key in ("compare_to", "attacker_detector"):  # the runner's (see compare_to, attacker_detector)
+        for key in ("compare_to", "attacker_detector", "defenses"):  # the runner's (see their methods)
             options.pop(key, None)
         return options
+
+    def defenses_for(self, name: str) -> list[str] | None:
+        """The defenses this adaptation is run on (``defenses = [...]`` in its table; None: every
+        one).  A robustness transform need not run on the defenses no table reads it for (``none``,
+        whose ROB is undefined; the transfer variants, which only the TE table reads)."""
+        names = self.options.get(name, {}).get("defenses")
+        if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+            raise ConfigError(f"[adaptations.{name}] defenses must be a list of defense names, got {names!r}")
+        return names
 
     def attacker_detector(self, name: str) -> str | None:
         """The detector of this adaptation's attacker (``attacker_detector`` in its table), None:
@@ -422,6 +431,10 @@ def _check_values(cfg: RunConfig, where: str):
                           "\"margin\" (a square around the box) or \"align\" (5-landmark alignment)")
     for name in cfg.adaptations.names:
         cfg.adaptations.compare_to(name)  # a bad value fails at load, not mid-run
+        unknown = [d for d in cfg.adaptations.defenses_for(name) or () if d not in cfg.defenses.names]
+        if unknown:
+            raise ConfigError(f"{where}: [adaptations.{name}] defenses {unknown} are not in [defenses] names "
+                              f"({', '.join(cfg.defenses.names)}){_closest(unknown[0], cfg.defenses.names)}")
     for name in cfg.defenses.names:
         unknown = [m for m in cfg.defenses.fit_models_for(name) or () if m not in cfg.models.names]
         if unknown:

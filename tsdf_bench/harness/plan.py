@@ -19,12 +19,16 @@ Cell = CellKey  # one cell of the plan (tsdf_bench.schema.CellKey)
 
 
 def plan_cells(cfg: RunConfig, retrains: dict[str, bool]) -> list[Cell]:
-    """Every cell of a config, in run order (seed, defense, model, adaptation, round)."""
+    """Every cell of a config, in run order (seed, defense, model, adaptation, round); an adaptation
+    with ``defenses = [...]`` in its table only for those defenses."""
     cells = []
+    only = {a: cfg.adaptations.defenses_for(a) for a in cfg.adaptations.names}
     for seed in cfg.run.seeds:
         for d in cfg.defenses.names:
             for m in cfg.models.names:
                 for a in cfg.adaptations.names:
+                    if only[a] is not None and d not in only[a]:
+                        continue
                     rounds = range(cfg.run.rounds + 1) if retrains[a] else range(1)
                     cells.extend(Cell(d, m, a, k, seed) for k in rounds)
     return cells

@@ -2,11 +2,14 @@
 
 The unit of work is a **(seed, defense) group**, the unit :meth:`Runner.run_group` runs in the
 sequential loop: fit and apply the defense, then every (model, adaptation) chain of its cells.
-Groups go to the workers in run order (seeds outer), each worker takes the next group when it
-finishes one, so N workers stay busy however the groups differ in cost.  Before a seed's groups
-comes one task that retrains that seed's clean-retraining controls (shared by all its defenses),
-so a worker that reaches a retraining round finds its control already saved instead of
-retraining it at the same moment as another worker.
+Each worker takes the next group when it finishes one, so N workers stay busy however the groups
+differ in cost, until the last groups: these decide how long the workers wait for each other.
+The groups therefore go out **defense by defense** in the config's order (every seed of the first
+defense, then of the next), so that a cheap defense listed last (``none``: nothing to fit) ends
+the run rather than the most expensive one's last seed.  First come one task per seed that
+retrains that seed's clean-retraining controls (shared by all its defenses), so a worker that
+reaches a retraining round finds its control already saved instead of retraining it at the same
+moment as another worker.
 
 Each worker is a fresh (spawned) process with **one torch thread**, its own :class:`Runner` and
 its own connection to the run's SQLite store (each cell is one transaction; WAL), so rows are
@@ -69,6 +72,12 @@ def _control_cells(seed: int, todo: list[Cell]) -> list[Cell]:
     return [Cell("", m, a, k, seed) for m, a, k in keys]
 
 
+def by_defense(cfg, work: list[tuple[int, str, list[Cell]]]) -> list[tuple[int, str, list[Cell]]]:
+    """``work`` (seeds outer) reordered defense by defense, in the config's order, seeds inner."""
+    order = {d: i for i, d in enumerate(cfg.defenses.names)}
+    return sorted(work, key=lambda g: order[g[1]])
+
+
 def _drop_models(runner) -> None:
     """Forget the parent's loaded models and give their memory back to the system."""
     import gc
@@ -104,10 +113,10 @@ def run_in_pool(runner, cells: list[Cell], todo: list[Cell]):
         futures = {}
         for seed in dict.fromkeys(seed for seed, _, _ in work):
             controls = _control_cells(seed, todo)
-            if controls:  # before the seed's groups, which need them
+            if controls:  # before the groups, which need them
                 futures[pool.submit(_controls_task, controls)] = (seed, "controls", [])
-            for group in (g for g in work if g[0] == seed):
-                futures[pool.submit(_group_task, *group)] = group
+        for group in by_defense(cfg, work):
+            futures[pool.submit(_group_task, *group)] = group
         for future in as_completed(futures):
             seed, dname, group = futures[future]
             try:
