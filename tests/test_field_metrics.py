@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsdf_bench.errors import TsdfBenchError
+from tsdf_bench.errors import ConfigError, TsdfBenchError
 from tsdf_bench.metrics import EvalBatch
 from tsdf_bench.plugins import Registry
 
@@ -86,6 +86,19 @@ def test_cidr_formula_matches_pdb():
 
     # max(0, 1 - clean / protected); 0 when the protected ID loss is 0
     assert cidr_values([0.1, 0.3, 0.2, 0.0], [0.4, 0.1, 0.0, 0.0]).tolist() == pytest.approx([0.75, 0.0, 0.0, 0.0])
+
+
+def test_identity_backends_agree_on_the_embedded_faces(registry, faces, identity):
+    """The default PyTorch port of dlib's ResNet gives dlib's own descriptors, hence its CIDR."""
+    assert identity.backend == "torch"
+    own_dlib = registry.create("metric", "identity", backend="dlib")
+    x, fake = faces.images[:6], faces.images[6:18].reshape(6, 2, *faces.images.shape[1:])
+    got = identity.pair_values(x, fake, fake.flip(0))
+    ref = own_dlib.pair_values(x, fake, fake.flip(0))
+    for column in identity.columns:
+        assert np.abs(np.asarray(got[column]) - np.asarray(ref[column])).max() < 1e-4, column
+    with pytest.raises(ConfigError, match="backend must be 'torch'"):
+        registry.create("metric", "identity", backend="cuda")
 
 
 def test_identity_box_alignment_also_separates(registry, faces):

@@ -41,3 +41,17 @@ def test_untracked_file_is_dirty_but_ignored_outputs_are_not(repo):
 
 def test_outside_a_repository_says_unknown(tmp_path):
     assert git_state(str(tmp_path)) == {"git_commit": None, "git_dirty": None}
+
+
+def test_versions_name_the_cpu_and_the_simd_level_torch_uses():
+    import os
+
+    import torch
+
+    from tsdf_bench.harness.provenance import versions
+
+    v = versions()
+    assert v["cpu"]
+    if os.path.exists("/proc/cpuinfo"):  # Linux: the model name and the generation's numbers
+        assert "family" in v["cpu"] and "model" in v["cpu"]
+    assert v["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

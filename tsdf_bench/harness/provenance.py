@@ -34,15 +34,36 @@ def device_description(device: torch.device) -> str:
     return f"cpu:{platform.machine()}"
 
 
+def cpu_description() -> dict[str, str]:
+    """The CPU's model name and the SIMD level torch's CPU kernels use (``torch.backends.cpu``):
+    float results, and so the bits of fitted perturbations and retrained weights, can differ
+    between CPU types (docs: "Reproducibility"), so rows say which one made them."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        # a VM may report only "AMD EPYC": the family and model numbers tell the generation
+        name = f"{info.get('model name', name)} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):  # pragma: no cover - older torch
+        capability = "unknown"
+    return {"cpu": name, "cpu_capability": capability}
+
+
 def versions(registry=None, used: dict[str, list[str]] | None = None) -> dict[str, str]:
-    """Versions of python, torch, numpy, tsdf-bench and the plugin distributions of ``used``.
+    """Versions of python, torch, numpy, tsdf-bench and the plugin distributions of ``used``, and
+    the CPU (:func:`cpu_description`).
 
     ``used`` maps a plugin kind to the names a run uses (``{"defense": ["tsdf"]}``).
     """
     from .. import __version__
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "tsdf-bench": __version__}
+           "tsdf-bench": __version__, **cpu_description()}
     if registry is not None and used:
         for kind, names in used.items():
             for name in names:

@@ -32,14 +32,13 @@ nests: the loss layer's version and details, then the version of every layer wra
 output down to the input, then, from the input up, each layer's details (name-with-version string
 and fields) followed by its wrapper's bookkeeping (three bools and two or three scratch tensors).
 
-Public API: :func:`read_dat` (parse), :func:`load_weights` (parse or read the ``.pt`` cache),
+Public API: :func:`read_dat` (parse),
 :class:`DlibResNet` (the module), :func:`load_model`, :func:`descriptors`, :func:`default_dat_path`.
 """
 from __future__ import annotations
 
 import functools
 import math
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tsdf_bench.errors import TsdfBenchError
-from tsdf_bench.hashing import file_sha256
-from tsdf_bench.paths import temp_path
 
 CHIP_SIZE = 150
 DESCRIPTOR_SIZE = 128
 REINSTALL_HINT = "reinstall it: pip install --force-reinstall --no-deps face-recognition-models"
-CACHE_FORMAT = 1  # bump when the layout of the cached tensors changes
 
 # (output channels, downsamples) of the 14 residual blocks, input to output
 BLOCKS = ((32, False),) * 3 + ((64, True),) + ((64, False),) * 3 + ((128, True),) + ((128, False),) * 2 \
@@ -339,38 +335,6 @@ def _valid(tensors) -> bool:
         for k, t in tensors.items())
 
 
-def load_weights(dat_path: str | Path | None = None, cache_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """:func:`read_dat` of ``dat_path`` (default :func:`default_dat_path`), through a cache.
-
-    With ``cache_dir``, the tensors are kept in ``cache_dir/dlib_resnet_<sha256 of the .dat>.pt`` and
-    read from there next time; an unreadable or stale cache file is rebuilt, never trusted.  Measured
-    on the 22 MB file (warm page cache, one core): parsing takes ~35 ms, a cache hit 40-50 ms (16 ms of
-    it the sha256), so the cache saves nothing here; the default is no cache.
-    """
-    path = Path(dat_path) if dat_path is not None else default_dat_path()
-    if cache_dir is None:
-        return read_dat(path)
-    try:
-        digest = file_sha256(path)
-    except OSError as exc:
-        raise TsdfBenchError(f"dlib ResNet: cannot read {path}: {exc}; {REINSTALL_HINT}") from exc
-    cache = Path(cache_dir) / f"dlib_resnet_{digest}.pt"
-    if cache.is_file():
-        try:
-            blob = torch.load(cache, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
-            blob = None
-        if isinstance(blob, dict) and blob.get("format") == CACHE_FORMAT and blob.get("sha256") == digest \
-                and _valid(blob.get("tensors")):
-            return blob["tensors"]
-    tensors = read_dat(path)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(cache)
-    torch.save({"format": CACHE_FORMAT, "sha256": digest, "tensors": tensors}, tmp)
-    tmp.replace(cache)
-    return tensors
-
-
 # -- the torch module ------------------------------------------------------------------------------
 def _add_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """dlib's add_prev: ``a + b`` after zero-padding both to the larger size of every dimension."""
@@ -410,14 +374,14 @@ class DlibResNet(nn.Module):
     """dlib's face-recognition ResNet: ``forward(x)`` maps RGB pixel values ``[N, 3, 150, 150]``
     (float, 0..255, as the uint8 chip) to the 128-d descriptors (float32), as dlib's
     ``compute_face_descriptor`` does with ``num_jitters`` 0 or 1 (the raw fc output; dlib does not
-    normalise it).  Build it with :func:`load_model` or ``DlibResNet(load_weights(...))``.
+    normalise it).  Build it with :func:`load_model` or ``DlibResNet(read_dat(path))``.
     """
 
     def __init__(self, weights: dict[str, torch.Tensor]):
         super().__init__()
         if not _valid(weights):
             raise TsdfBenchError("dlib ResNet: the weights do not have this network's names and shapes "
-                                 "(build them with read_dat or load_weights)")
+                                 "(build them with read_dat)")
         self.register_buffer("mean", weights["input.mean"].clone().view(1, 3, 1, 1))
         self.stem = nn.Conv2d(3, 32, 7, stride=2)
         blocks, cin = [], 32
@@ -460,9 +424,10 @@ class DlibResNet(nn.Module):
         return out
 
 
-def load_model(dat_path: str | Path | None = None, cache_dir: str | Path | None = None) -> DlibResNet:
-    """The :class:`DlibResNet` of ``dat_path`` (default: the installed package's file), on the CPU."""
-    return DlibResNet(load_weights(dat_path, cache_dir))
+def load_model(dat_path: str | Path | None = None) -> DlibResNet:
+    """The :class:`DlibResNet` of ``dat_path`` (default: the installed package's file), on the CPU.
+    Parsing the 22 MB file takes ~35 ms, so nothing is cached."""
+    return DlibResNet(read_dat(dat_path if dat_path is not None else default_dat_path()))
 
 
 @functools.lru_cache(maxsize=1)
@@ -472,5 +437,5 @@ def _default_model() -> DlibResNet:
 
 def descriptors(chips: np.ndarray, model: DlibResNet | None = None, batch_size: int = 16) -> np.ndarray:
     """``[N, 128]`` float64 descriptors of uint8 RGB chips ``[N, 150, 150, 3]``; ``model`` defaults to
-    one built (once per process, uncached) from the installed package's file."""
+    one built once per process from the installed package's file."""
     return (model if model is not None else _default_model()).descriptors(chips, batch_size)

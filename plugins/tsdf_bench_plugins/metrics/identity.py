@@ -24,6 +24,11 @@ transform is applied to ``x``, ``G(x)`` and ``G(x + W)``: a disrupted forgery ca
 breaking the landmark fit, as PDB's fixed crop of aligned faces does not let it either.
 ``align="box"`` skips the landmarks and crops that box (PDB's fixed-crop style).
 
+The ResNet runs in PyTorch by default (``backend="torch"``: :mod:`.dlib_resnet`, the same network
+and weights read from the same file; descriptors within 1e-5 of dlib's, ~10x faster on one core,
+because ``dlib-bin`` is built without BLAS); ``backend="dlib"`` runs dlib's own
+``compute_face_descriptor``.  Landmarks and chips are dlib's either way.
+
 Columns: ``cidr``; ``id_sim_clean`` / ``id_sim_protected``: mean cosine similarity of ``x`` with
 ``G(x)`` / ``G(x + W)``; ``id_loss_out``: mean ``ID(G(x), G(x + W))`` (PDB's white-box
 ``id_loss``).  All ``None`` when the batch carries no forgeries.
@@ -77,17 +82,22 @@ class DlibFaceEmbedder:
     ``images`` (default: ``images`` themselves).  Returns float64 ``[N, 128]``.
     """
 
-    def __init__(self, align: str = "landmarks", face_fraction: float | None = None, centre_shift: float | None = None):
+    def __init__(self, align: str = "landmarks", face_fraction: float | None = None, centre_shift: float | None = None,
+                 backend: str = "torch"):
         from tsdf_bench.data.embedded import CENTRE_SHIFT, FACE_FRACTION
 
-        if align not in ("landmarks", "box"):
-            raise ConfigError(f"metric 'identity': align must be 'landmarks' or 'box', got {align!r}")
+        _check(align, backend)
         dlib = _dlib()
-        self.align = align
+        self.align, self.backend = align, backend
         self.face_fraction = FACE_FRACTION if face_fraction is None else float(face_fraction)
         self.centre_shift = CENTRE_SHIFT if centre_shift is None else float(centre_shift)
         self._dlib = dlib
-        self.recogniser = dlib.face_recognition_model_v1(str(model_file(RECOGNITION_FILE)))
+        if backend == "torch":
+            from .dlib_resnet import load_model
+
+            self.recogniser = load_model(model_file(RECOGNITION_FILE))
+        else:
+            self.recogniser = dlib.face_recognition_model_v1(str(model_file(RECOGNITION_FILE)))
         self.landmarks = dlib.shape_predictor(str(model_file(LANDMARK_FILE)))
 
     @staticmethod
@@ -132,7 +142,17 @@ class DlibFaceEmbedder:
         if len(arr) == 0:
             return np.zeros((0, 128))
         chips = [self._dlib.get_face_chip(img, s, size=CHIP_SIZE, padding=CHIP_PADDING) for img, s in zip(arr, shapes)]
+        if self.backend == "torch":
+            return self.recogniser.descriptors(np.stack(chips))
         return np.asarray(self.recogniser.compute_face_descriptor(chips), dtype=np.float64)
+
+
+def _check(align: str, backend: str) -> None:
+    if align not in ("landmarks", "box"):
+        raise ConfigError(f"metric 'identity': align must be 'landmarks' or 'box', got {align!r}")
+    if backend not in ("torch", "dlib"):
+        raise ConfigError(f"metric 'identity': backend must be 'torch' (dlib's network in PyTorch, the default) "
+                          f"or 'dlib' (dlib's own), got {backend!r}")
 
 
 def _digest(images: torch.Tensor) -> str:
@@ -161,7 +181,8 @@ class IdentityMetric(Metric):
     """CIDR-style identity disruption on dlib's face-recognition ResNet (see the module docstring).
 
     Args: ``align`` ("landmarks" or "box"), ``face_fraction`` / ``centre_shift`` (the face box of
-    an aligned crop; default the embedded data's framing).  The model loads on first use.
+    an aligned crop; default the embedded data's framing), ``backend`` ("torch", default, or
+    "dlib": which runs the ResNet).  The model loads on first use.
     """
 
     default = False  # not run unless a config names it ([metrics] names)
@@ -170,17 +191,16 @@ class IdentityMetric(Metric):
     columns = ("cidr", "id_sim_clean", "id_sim_protected", "id_loss_out")
 
     def __init__(self, align: str = "landmarks", face_fraction: float | None = None,
-                 centre_shift: float | None = None):
-        if align not in ("landmarks", "box"):
-            raise ConfigError(f"metric 'identity': align must be 'landmarks' or 'box', got {align!r}")
-        self.align, self.face_fraction, self.centre_shift = align, face_fraction, centre_shift
+                 centre_shift: float | None = None, backend: str = "torch"):
+        _check(align, backend)
+        self.align, self.face_fraction, self.centre_shift, self.backend = align, face_fraction, centre_shift, backend
         self._embedder: DlibFaceEmbedder | None = None
         self._cache: dict = {}
 
     @property
     def embedder(self) -> DlibFaceEmbedder:
         if self._embedder is None:
-            self._embedder = DlibFaceEmbedder(self.align, self.face_fraction, self.centre_shift)
+            self._embedder = DlibFaceEmbedder(self.align, self.face_fraction, self.centre_shift, self.backend)
         return self._embedder
 
     def pair_values(self, clean: torch.Tensor, fake_clean: torch.Tensor, fake_protected: torch.Tensor) -> dict:
