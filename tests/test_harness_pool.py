@@ -83,3 +83,15 @@ def test_groups_go_out_defense_by_defense_so_the_cheap_last_defense_ends_the_run
                      "defenses": {"names": ["tsdf", "none"]}})
     work = [(seed, d, []) for seed in (0, 1) for d in ("tsdf", "none")]
     assert [(s, d) for s, d, _ in by_defense(cfg, work)] == [(0, "tsdf"), (1, "tsdf"), (0, "none"), (1, "none")]
+
+
+def test_the_parent_forgets_its_models_and_returns_the_memory(monkeypatch):
+    import types
+
+    from tsdf_bench.harness import pool, streaming
+
+    calls = []
+    monkeypatch.setattr(streaming, "release_freed_memory", lambda: calls.append(1))
+    runner = types.SimpleNamespace(_models={"stargan": object()}, _discriminators={"stargan": object()})
+    pool._drop_models(runner)
+    assert runner._models == {} and runner._discriminators == {} and calls == [1]

@@ -53,7 +53,12 @@ def _init_worker(job: dict) -> None:
 
 
 def _group_task(seed: int, dname: str, group: list[Cell]) -> int:
-    _RUNNER.run_group(seed, dname, group)
+    from .streaming import release_freed_memory
+
+    try:
+        _RUNNER.run_group(seed, dname, group)
+    finally:
+        release_freed_memory()  # give the group's freed tensors back before the next group's peak
     return len(group)
 
 
@@ -82,12 +87,12 @@ def _drop_models(runner) -> None:
     """Forget the parent's loaded models and give their memory back to the system."""
     import gc
 
-    from .streaming import _malloc_trim
+    from .streaming import release_freed_memory
 
     runner._models.clear()
     runner._discriminators.clear()
     gc.collect()
-    _malloc_trim()
+    release_freed_memory()
 
 
 def run_in_pool(runner, cells: list[Cell], todo: list[Cell]):
