@@ -199,3 +199,22 @@ def test_the_discriminator_goes_only_to_adaptations_that_take_it():
                                                discriminator=model.make_discriminator())
         assert out.model is not model
     assert given == [True, False]
+
+
+def test_a_saved_control_keeps_an_adapted_architecture(tmp_path):
+    """Workers share controls through files; LoRA patching wraps the layers in adapters, so a control
+    must come back as the module it was, not as its state loaded into the base architecture."""
+    from tsdf_bench.hashing import state_sha256
+    from tsdf_bench_plugins.adaptations.lora_patch import inject_lora, lora_modules
+
+    torch.manual_seed(0)
+    patched = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 3))
+    assert inject_lora(patched) == 2
+    done = attacker_module.Retrained(patched, state_sha256(patched.state_dict()), {"g_steps": 3})
+    path = tmp_path / "control.pt"
+    attacker_module._save_control(path, done)
+    back = attacker_module._load_control(path, "cpu")
+    assert len(lora_modules(back.model)) == len(lora_modules(patched)) == 2
+    assert back.hash == done.hash and back.info == {"g_steps": 3}
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(back.model(x), patched.eval()(x))

@@ -210,7 +210,7 @@ class Attacker:
             if self.controls_dir is not None:
                 path = Path(self.controls_dir) / f"{name}-{adaptation_name}-seed{seed}-round{k}-{base_hash[:16]}.pt"
                 if path.is_file():  # retrained by another worker of this run
-                    return _load_control(path, base, self.device)
+                    return _load_control(path, self.device)
             previous = base if k == 1 else self.control(name, adaptation_name, adaptation, seed, k - 1, base,
                                                         discriminator, base_hash=base_hash).model
             clean = self.clean_collection(base.image_size, adaptation)
@@ -234,17 +234,17 @@ class Attacker:
 
 
 def _save_control(path: Path, done: Retrained) -> None:
+    """The whole retrained module, not its state into a copy of the base: an adaptation may change
+    the architecture (LoRA patching wraps layers in adapters)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    torch.save({"state": {k: v.detach().cpu() for k, v in done.model.state_dict().items()}, "hash": done.hash,
-                "info": done.info}, tmp)
+    torch.save({"model": copy.deepcopy(done.model).cpu(), "hash": done.hash, "info": done.info}, tmp)
     os.replace(tmp, path)  # atomic: another worker sees the whole file or none
 
 
-def _load_control(path: Path, base, device) -> Retrained:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    model = copy.deepcopy(base).cpu()
-    model.load_state_dict(blob["state"])
+def _load_control(path: Path, device) -> Retrained:
+    blob = torch.load(path, map_location="cpu", weights_only=False)  # written by this run's workers
+    model = blob["model"]
     if state_sha256(model.state_dict()) != blob["hash"]:
         raise TsdfBenchError(f"saved control {path} does not match its hash; delete the run's cache folder and resume")
     return Retrained(model.to(device).eval(), blob["hash"], blob["info"], 0.0)
