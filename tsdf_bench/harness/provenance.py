@@ -37,7 +37,7 @@ def device_description(device: torch.device) -> str:
 def cpu_description() -> dict[str, str]:
     """The CPU's model name and the SIMD level torch's CPU kernels use (``torch.backends.cpu``):
     float results, and so the bits of fitted perturbations and retrained weights, can differ
-    between CPU types (docs: "Reproducibility"), so rows say which one made them."""
+    between CPU types (README, "Reproducibility"), so rows say which one made them."""
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
