@@ -1,11 +1,17 @@
 """Run a command and report its wall time and the peak of the summed RSS of its process tree.
 
 ``python benchmarks/tree_rss.py -- tsdf-bench run configs/demo.toml`` prints one JSON line at the
-end: ``{"wall_s", "peak_tree_rss_mib", "peak_processes", "process_peaks_mib", "rc"}`` (the last:
-each process's own peak, largest first).  With ``[run] workers = N`` a
+end: ``{"wall_s", "peak_tree_rss_mib", "peak_tree_pss_mib", "peak_processes", "process_peaks_mib",
+"rc"}`` (``process_peaks_mib``: each process's own RSS peak, largest first).  With ``[run] workers = N`` a
 run is N + 1 processes, so ``getrusage``'s maxrss (one process) would understate the footprint:
 this samples ``/proc/<pid>/status`` of the command and all its descendants every 0.2 s (a peak
 shorter than that can be missed).  Linux only.
+
+Summed RSS counts the pages of shared libraries once per process that maps them (torch's CUDA
+build alone maps ~440 MiB of library pages in every process), so it overstates what N + 1
+processes use together.  ``peak_tree_pss_mib`` is the peak of the summed PSS (proportional set
+size, ``/proc/<pid>/smaps_rollup``: each shared page divided among the processes that map it),
+the tree's actual share of physical memory.
 """
 from __future__ import annotations
 
@@ -26,24 +32,32 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _rss_kib(pid: int) -> int:
+def _field_kib(path: str, name: str) -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(name):
                 return int(line.split()[1])
-    except OSError:
+    except (OSError, ValueError):
         pass
     return 0
 
 
-def tree_rss_kib(root: int) -> dict[int, int]:
-    """RSS in KiB of ``root`` and each of its descendants, by pid."""
+def _rss_kib(pid: int) -> int:
+    return _field_kib(f"/proc/{pid}/status", "VmRSS:")
+
+
+def _pss_kib(pid: int) -> int:
+    return _field_kib(f"/proc/{pid}/smaps_rollup", "Pss:")
+
+
+def tree_kib(root: int, read=_rss_kib) -> dict[int, int]:
+    """``read(pid)`` (default RSS) in KiB of ``root`` and each of its descendants, by pid."""
     out, todo = {}, [root]
     while todo:
         pid = todo.pop()
         if pid in out:
             continue
-        out[pid] = _rss_kib(pid)
+        out[pid] = read(pid)
         todo += _children(pid)
     return out
 
@@ -56,16 +70,17 @@ def main(argv: list[str]) -> int:
         return 2
     start = time.perf_counter()
     proc = subprocess.Popen(argv)
-    peak, peak_n, own = 0, 0, {}
+    peak, peak_pss, peak_n, own = 0, 0, 0, {}
     while proc.poll() is None:
-        tree = tree_rss_kib(proc.pid)
+        tree = tree_kib(proc.pid)
         if sum(tree.values()) > peak:
             peak, peak_n = sum(tree.values()), len(tree)
+        peak_pss = max(peak_pss, sum(_pss_kib(pid) for pid in tree))
         for pid, rss in tree.items():
             own[pid] = max(own.get(pid, 0), rss)
         time.sleep(0.2)
     result = {"wall_s": round(time.perf_counter() - start, 1), "peak_tree_rss_mib": round(peak / 1024, 1),
-              "peak_processes": peak_n,
+              "peak_tree_pss_mib": round(peak_pss / 1024, 1), "peak_processes": peak_n,
               "process_peaks_mib": sorted((round(v / 1024, 1) for v in own.values()), reverse=True)[:8],
               "rc": proc.returncode}
     print(json.dumps(result), flush=True)

@@ -116,3 +116,12 @@ def test_rejects_chips_of_the_wrong_shape_or_type(model):
     with pytest.raises(TsdfBenchError, match="uint8"):
         model.descriptors(np.zeros((2, 150, 150, 3), np.float32))
     assert model.descriptors(np.zeros((0, 150, 150, 3), np.uint8)).shape == (0, 128)
+
+
+def test_a_chips_descriptor_does_not_depend_on_the_chips_it_came_with(model):
+    """Streamed metrics embed batch by batch and must equal the whole-set result exactly."""
+    chips = np.random.default_rng(1).integers(0, 256, (21, 150, 150, 3), dtype=np.uint8)
+    whole = model.descriptors(chips)
+    assert np.array_equal(model.descriptors(chips[:5]), whole[:5])
+    assert np.array_equal(model.descriptors(chips[7:9]), whole[7:9])
+    assert np.array_equal(np.concatenate([model.descriptors(chips[i:i + 1]) for i in range(21)]), whole)

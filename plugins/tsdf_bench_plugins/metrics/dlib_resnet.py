@@ -418,9 +418,15 @@ class DlibResNet(nn.Module):
         device = self.mean.device
         with torch.inference_mode():
             for start in range(0, len(chips), batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(chips[start:start + batch_size]))
-                x = batch.to(device).permute(0, 3, 1, 2).float()
-                out[start:start + len(batch)] = self(x).double().cpu().numpy()
+                part = chips[start:start + batch_size]
+                # every forward has the same shape: torch's CPU kernels pick their algorithm by
+                # shape, so a chip's descriptor would otherwise depend (in the last bits) on how
+                # many chips came with it, and a metric computed batch by batch would not equal
+                # the same metric computed at once
+                batch = np.zeros((batch_size, *part.shape[1:]), np.uint8)
+                batch[:len(part)] = part
+                x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float()
+                out[start:start + len(part)] = self(x)[:len(part)].double().cpu().numpy()
         return out
 
 
