@@ -54,14 +54,14 @@ def _pss_kib(pid: int) -> int:
     return _field_kib(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
-def tree_kib(root: int, read=_rss_kib) -> dict[int, int]:
-    """``read(pid)`` (default RSS) in KiB of ``root`` and each of its descendants, by pid."""
+def tree_rss_kib(root: int) -> dict[int, int]:
+    """RSS in KiB of ``root`` and each of its descendants, by pid."""
     out, todo = {}, [root]
     while todo:
         pid = todo.pop()
         if pid in out:
             continue
-        out[pid] = read(pid)
+        out[pid] = _rss_kib(pid)
         todo += _children(pid)
     return out
 
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     proc = subprocess.Popen(argv)
     peak, peak_pss, peak_n, own, tick = 0, 0, 0, {}, 0
     while proc.poll() is None:
-        tree = tree_kib(proc.pid)
+        tree = tree_rss_kib(proc.pid)
         new_peak = sum(tree.values()) > peak
         if new_peak:
             peak, peak_n = sum(tree.values()), len(tree)

@@ -88,10 +88,10 @@ def test_groups_go_out_defense_by_defense_so_the_cheap_last_defense_ends_the_run
 def test_the_parent_forgets_its_models_and_returns_the_memory(monkeypatch):
     import types
 
-    from tsdf_bench.harness import pool, streaming
+    from tsdf_bench.harness import pool
 
     calls = []
-    monkeypatch.setattr(streaming, "release_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(pool, "release_freed_memory", lambda: calls.append(1))
     runner = types.SimpleNamespace(_models={"stargan": object()}, _discriminators={"stargan": object()})
     pool._drop_models(runner)
     assert runner._models == {} and runner._discriminators == {} and calls == [1]

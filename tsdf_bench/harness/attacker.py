@@ -24,7 +24,6 @@ IoU >= 0.5: the attacker got the right face.
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -238,7 +237,7 @@ def _save_control(path: Path, done: Retrained) -> None:
     the architecture (LoRA patching wraps layers in adapters)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    torch.save({"model": copy.deepcopy(done.model).cpu(), "hash": done.hash, "info": done.info}, tmp)
+    torch.save({"model": done.model, "hash": done.hash, "info": done.info}, tmp)  # loaded onto the CPU
     os.replace(tmp, path)  # atomic: another worker sees the whole file or none
 
 

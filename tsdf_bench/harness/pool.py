@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .plan import Cell, groups
 from .state import CellFailure, summarize
+from .streaming import release_freed_memory
 
 _RUNNER = None  # the worker process's Runner
 
@@ -53,8 +54,6 @@ def _init_worker(job: dict) -> None:
 
 
 def _group_task(seed: int, dname: str, group: list[Cell]) -> int:
-    from .streaming import release_freed_memory
-
     try:
         _RUNNER.run_group(seed, dname, group)
     finally:
@@ -86,8 +85,6 @@ def by_defense(cfg, work: list[tuple[int, str, list[Cell]]]) -> list[tuple[int, 
 def _drop_models(runner) -> None:
     """Forget the parent's loaded models and give their memory back to the system."""
     import gc
-
-    from .streaming import release_freed_memory
 
     runner._models.clear()
     runner._discriminators.clear()

@@ -336,7 +336,6 @@ class Runner(ProtectionMixin, MeasureMixin):
                     self.run_chain(chain, prot, bar)
 
 
-
 def _file_record(record: dict) -> dict:
     """A checkpoint record as rows carry it: the file's sha256 as ``checkpoint_file_sha256``
     (``checkpoint_sha256`` is the weights of the model measured in a round)."""

@@ -238,7 +238,8 @@ def _read_details(r: _Reader, layer: tuple, channels: int, out: dict) -> int:
         version = r.name("fc_2", "fc_3")
         n_out, n_in = r.int(), r.int()
         params = r.tensor().reshape(-1)
-        weights, _biases = r.alias(), r.alias()
+        weights = r.alias()
+        r.alias()  # the (absent) biases
         r.expect("fc's bias mode (1 = no bias)", (1,))
         for _ in range(4):
             r.float()
