@@ -9,14 +9,22 @@ retraining round with its control, batches of 8; ``BOUND`` is ``MeasureMixin.cle
 at paper scale, where one model's exceed the default budget); ``METRICS`` and ``MODELS``
 comma-separated lists (default: the paper config's metrics).
 
-Besides the process's peak (``peak_rss_bytes``) it reports the measuring path's own: before each
+``MAP_ABOVE`` in the environment sets :data:`tsdf_bench.harness.mapped.MAP_ABOVE_BYTES` ("0": every
+set of photos, protected photos and crops a memory-mapped file, as at paper scale, where each is
+over the default 256 MiB; "none": all in memory).
+
+Besides the process's peak (``peak_rss_bytes``, which counts the mapped sets' resident pages) it
+reports the peak of its anonymous memory (``peak_anon_bytes``: ``RssAnon`` read every 2 ms by a
+thread; the mapped sets' pages are the files', not in it) and the measuring path's own: before each
 ``MeasureMixin.measure`` call the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``,
 Linux) and after it the mark minus the RSS before the call is that cell's growth; the largest
 over the cells is ``measure_peak_bytes`` (None where the mark cannot be reset).
 """
 import json
+import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -80,9 +88,27 @@ def _reset_peak() -> bool:
         return False
 
 
+class AnonPeak(threading.Thread):
+    """The largest ``RssAnon`` (bytes) seen, read every ``every`` seconds until :meth:`stop`."""
+
+    def __init__(self, every: float = 0.002):
+        super().__init__(daemon=True)
+        self.every, self.peak, self._done = every, 0, threading.Event()
+
+    def run(self):
+        while not self._done.is_set():
+            self.peak = max(self.peak, (_status_kb("RssAnon") or 0) * 1024)
+            time.sleep(self.every)
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return self.peak
+
+
 def main(n_eval: int, bound: str, out: Path, metrics: str = PAPER_METRICS, models: str = SMALLEST_MODELS) -> dict:
     from tsdf_bench.config import load_config
-    from tsdf_bench.harness import run_config
+    from tsdf_bench.harness import mapped, run_config
     from tsdf_bench.harness.measure import MeasureMixin
 
     try:
@@ -94,6 +120,9 @@ def main(n_eval: int, bound: str, out: Path, metrics: str = PAPER_METRICS, model
 
     torch.set_num_threads(1)
     MeasureMixin.clean_cache_bytes = None if bound == "none" else int(bound)
+    map_above = os.environ.get("MAP_ABOVE")
+    if map_above:
+        mapped.MAP_ABOVE_BYTES = None if map_above == "none" else int(map_above)
     cells, marks = [], []  # per cell: growth over the RSS before it; every peak mark read (kB)
     real = MeasureMixin.measure
 
@@ -118,16 +147,19 @@ def main(n_eval: int, bound: str, out: Path, metrics: str = PAPER_METRICS, model
     registry = Registry(plugins_dirs=[HERE.parent / "tests" / "harness_fakes", HERE / "memory_fakes"],
                         entry_points=True)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    anon = AnonPeak()
+    anon.start()
     t0 = time.perf_counter()
     result = run_config(load_config(path), registry, output=out / "runs", progress=False, log=lambda m: None,
                         figures=False)
     seconds = time.perf_counter() - t0
+    anon_peak = anon.stop()
     rows = result.rows
     # resetting the mark also resets ru_maxrss: the process's peak is the largest mark read
     marks = [m for m in marks + [_status_kb("VmHWM")] if m is not None]
     peak = max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, *marks])
     return {"n_eval": n_eval, "bound": bound, "metrics": names, "models": model_names,
-            "peak_rss_bytes": peak * 1024,
+            "peak_rss_bytes": peak * 1024, "peak_anon_bytes": anon_peak or None, "map_above": map_above,
             "rss_before_run_bytes": base * 1024, "measure_peak_bytes": max(cells) if cells else None,
             "measure_cells": len(cells), "seconds": seconds, "rows": len(rows),
             "ok": sum(r["status"] == "ok" for r in rows)}

@@ -1,6 +1,7 @@
 """The suite's digests (tsdf_bench.hashing): what changes them and what does not."""
 import hashlib
 
+import pytest
 import torch
 
 from tsdf_bench.hashing import file_sha256, state_sha256, tensors_sha256
@@ -38,3 +39,13 @@ def test_state_sha256_sees_names_dtypes_and_bytes_and_is_stable_for_a_module():
     assert state_sha256(twin.state_dict()) != digest
     bf = {"w": torch.ones(2, dtype=torch.bfloat16)}
     assert state_sha256(bf) != state_sha256({"w": torch.ones(2)})
+
+
+def test_differences_sha256_is_the_digest_of_the_whole_differences():
+    from tsdf_bench.hashing import differences_sha256
+
+    a, b, c, d = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    assert differences_sha256((a, b), (c, d), rows=2) == tensors_sha256(a - b, c - d)
+    assert differences_sha256((a, b), rows=64) == tensors_sha256(a - b) != tensors_sha256(b - a)
+    with pytest.raises(ValueError, match="shapes"):
+        differences_sha256((a, c))

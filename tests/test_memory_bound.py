@@ -5,6 +5,8 @@ measurement in batches of eval photos (rows equal to whole tensors', the largest
 whatever n_eval): tests/test_streaming.py."""
 import re
 
+import torch
+
 from test_runner import CONFIG, fake_registry, make_config, run
 
 from tsdf_bench.harness import run_config
@@ -107,3 +109,73 @@ def test_protected_caches_of_finished_defenses_are_deleted(tmp_path, monkeypatch
     assert all(r["status"] == "ok" for r in out.rows)
     # before each fit, at most the previous group's file was left (then deleted)
     assert seen == [[], [], [], []]
+
+
+def test_rows_are_identical_with_every_set_of_photos_mapped(tmp_path, monkeypatch):
+    """Every set that grows with the photos (collect and eval photos, protected photos, the
+    attacker's crops) in a memory-mapped file, as at paper scale: the rows of the all-in-memory
+    run, and the files are in the run's cache folder while it retrains."""
+    from tsdf_bench.harness import mapped
+    from tsdf_bench.harness.attacker import Attacker
+
+    seen = []
+    original = Attacker.retrain
+
+    def spy(self, model, collection, *args, **kwargs):
+        seen.append(mapped.mapped_files(self.folder))
+        return original(self, model, collection, *args, **kwargs)
+
+    monkeypatch.setattr(Attacker, "retrain", spy)
+    in_memory = run(tmp_path / "memory").rows
+    assert seen and not any(seen)  # the fake run's sets are tiny: in memory
+    seen.clear()
+    monkeypatch.setattr(mapped, "MAP_ABOVE_BYTES", 0)
+    out = run(tmp_path / "mapped")
+    assert _strip(out.rows) == _strip(in_memory) and any(r["status"] == "ok" for r in out.rows)
+    files = set().union(*seen)
+    anonymous = [f for f in files if f.endswith("(deleted)")]  # photos and crops: unlinked at once
+    named = [f for f in files if "/protected-" in f and f.endswith(".npy")]  # the --resume cache
+    assert anonymous and named, files
+
+
+def test_mapped_protected_sets_are_reused_on_resume_and_deleted_when_finished(tmp_path, monkeypatch):
+    from tsdf_bench.harness import ResultsStore, mapped
+    from tsdf_bench.harness.runner import Runner
+
+    monkeypatch.setattr(mapped, "MAP_ABOVE_BYTES", 0)
+    cfg = make_config(tmp_path, CONFIG)
+    store = ResultsStore(tmp_path / "results.sqlite")
+    first = Runner(cfg, fake_registry(), store, "r", tmp_path / "run", progress=False).protect(0, "fake-shift")
+    cache = tmp_path / "run" / "cache"
+    stems = {p.name.split(".")[0] for p in cache.glob("protected-fake-shift-seed0-*")}
+    assert len(stems) == 1
+    assert sorted(p.name.split(".", 1)[1] for p in cache.glob("protected-fake-shift-seed0-*")) == [
+        "collect.npy", "eval.npy", "pt"]
+    again = Runner(cfg, fake_registry(), store, "r", tmp_path / "run", progress=False)
+    resumed = again.protect(0, "fake-shift")  # from the files, not refitted
+    assert resumed.info["fit_key"] == first.info["fit_key"]
+    assert torch.equal(resumed.collect, first.collect) and torch.equal(resumed.eval, first.eval)
+    assert resumed.perturbation_sha256 == first.perturbation_sha256
+    every_cell = {tuple(c) for c in again.cells()}
+    monkeypatch.setattr(store, "done", lambda run_id: every_cell)  # as if every cell were stored ok
+    assert again.release_finished_caches() == 3  # the .pt and both mapped sets
+    assert not list(cache.glob("protected-fake-shift-seed0-*"))
+
+
+def test_a_defense_returning_the_wrong_shape_is_named(tmp_path, monkeypatch):
+    """Protected photos are written into their set batch by batch: a plugin whose protect() returns
+    another shape fails with its name and the rule, not a broadcasting error."""
+    import pytest
+
+    from tsdf_bench.errors import TsdfBenchError
+    from tsdf_bench.harness import ResultsStore
+    from tsdf_bench.harness.runner import Runner
+
+    registry = fake_registry()
+    monkeypatch.setattr(type(registry.create("defense", "fake-perimage")), "protect",
+                        lambda self, images, attrs=None: images[:1])
+    runner = Runner(make_config(tmp_path, CONFIG), registry, ResultsStore(tmp_path / "r.sqlite"), "r",
+                    tmp_path / "run", progress=False)
+    with pytest.raises(TsdfBenchError, match=r"defense 'fake-perimage' .* returned protected images of shape "
+                                             r"\(1, 3, 32, 32\) for a batch of \(3, 3, 32, 32\)"):
+        runner.protect(0, "fake-perimage")

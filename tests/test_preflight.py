@@ -259,3 +259,37 @@ def test_run_stops_at_preflight_before_any_work_and_leaves_no_run(setup):
     with pytest.raises(PreflightError, match="stargan"):
         run_config(load_config(path), get_registry(), output=tmp_path / "runs", progress=False, log=lambda m: None)
     assert not (tmp_path / "runs" / "results.sqlite").exists() or ResultsStore(tmp_path / "runs" / "results.sqlite").runs() == []
+
+
+# the official generators' and discriminators' parameter bytes at 256 px (the paper-scale
+# architectures built on the meta device, as the preflight's model check measures them)
+OFFICIAL = {"stargan": {"targets": 5, "image_size": 256, "g_bytes": 33_722_112, "d_bytes": 179_539_712},
+            "attentiongan": {"targets": 5, "image_size": 256, "g_bytes": 33_734_656, "d_bytes": 179_539_712},
+            "attgan": {"targets": 14, "image_size": 256, "g_bytes": 173_410_828, "d_bytes": 581_529_144},
+            "hisd": {"targets": 1, "image_size": 256, "g_bytes": 76_175_756, "d_bytes": 50_000_168}}
+
+
+def test_paper_grid_plans_at_most_16_gb_of_ram_with_its_large_sets_mapped(monkeypatch):
+    """Issue 13's target: the sets that grow with the photos (photos, protected photos, crops;
+    each over 256 MiB at paper scale) are memory-mapped files, counted as disk; what stays in
+    RAM is bounded (<= 16 GB) and does not grow with n_eval beyond a few bytes per pair."""
+    from tsdf_bench.harness import mapped
+    from tsdf_bench.harness.estimate import PAIR_BYTES, measuring_plan
+
+    cfg = load_config("configs/paper.toml")
+    plan = measuring_plan(cfg, get_registry())
+    n = {"fit": 128, "collect": 5000, "eval": 1000}
+    img = 3 * 256 * 256 * 4
+    est = estimate(cfg, OFFICIAL, n, plan)
+    assert est["ram_bytes"] <= 16e9, est["ram_parts"]
+    assert est["ram_parts"]["protected"] == 0 and est["ram_parts"]["data"] == 128 * img
+    # photos (collect, eval) and the four crop sets on disk; the protected ones are the resume cache
+    assert est["disk_parts"]["mapped_sets"] == 6000 * img + 2 * 6000 * img
+    assert est["disk_parts"]["protected_cache"] == 6000 * img
+    more = estimate(cfg, OFFICIAL, {**n, "eval": 4000}, plan)
+    # at most AttGAN's per-pair values more (HiSD's clean forgeries then leave the 1 GB cache for disk)
+    assert more["ram_bytes"] <= est["ram_bytes"] + 3000 * 14 * PAIR_BYTES
+    monkeypatch.setattr(mapped, "MAP_ABOVE_BYTES", None)  # everything in memory (before): 27 GB
+    whole = estimate(cfg, OFFICIAL, n, plan)
+    assert whole["ram_bytes"] - est["ram_bytes"] == 6000 * img + 6000 * img + 2 * 6000 * img
+    assert whole["ram_bytes"] > 26e9 and whole["disk_parts"]["mapped_sets"] == 0

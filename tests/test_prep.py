@@ -108,3 +108,32 @@ def test_prep_is_differentiable(retina):
     result = DataPreparation(retina, 32)(x)
     result.crops.sum().backward()
     assert x.grad[0].abs().sum() > 0 and x.grad[1:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("crop", ["frame", "align"])
+def test_in_batches_gives_the_whole_sets_result(retina, crop):
+    """Prepared two photos at a time, the faces, failures, boxes and crops are those of the whole
+    set at once (indices of the whole set), written into the given tensor; crop_like alike."""
+    x = torch.cat([batch(), batch().flip(0)])  # face, noise, zeros, zeros, noise, face
+    prep = DataPreparation(retina, 32, crop=crop)
+    whole = prep(x)
+    made = []
+
+    def new_crops(shape):
+        made.append(torch.full(shape, 7.0))
+        return made[-1]
+
+    parts = prep.in_batches(x, 2, new_crops)
+    assert parts.kept.tolist() == whole.kept.tolist() == [0, 5]
+    assert parts.failures == whole.failures and set(parts.failures) == {1, 2, 3, 4}
+    assert len(made) == 1 and made[0].shape == (6, 3, 32, 32) and parts.crops.data_ptr() == made[0].data_ptr()
+    torch.testing.assert_close(parts.crops, whole.crops, atol=1e-4, rtol=0)
+    torch.testing.assert_close(parts.boxes, whole.boxes, atol=1e-3, rtol=0)
+    assert (parts.landmarks is None) == (whole.landmarks is None)
+    other = x.flip(-1)  # another version of the same photos, cut with the same geometry
+    torch.testing.assert_close(prep.crop_like_in_batches(other, parts, 2), prep.crop_like(other, whole), atol=1e-4, rtol=0)
+    one = prep.in_batches(x, 64)  # one batch: exactly the whole set's result
+    assert torch.equal(one.crops, whole.crops) and torch.equal(one.boxes, whole.boxes)
+    none = prep.in_batches(x[1:3], 1)
+    assert none.crops.shape == (0, 3, 32, 32) and none.kept.numel() == 0 and set(none.failures) == {0, 1}
+    assert prep.crop_like_in_batches(x[1:3], none, 1).shape == (0, 3, 32, 32)

@@ -2,7 +2,8 @@
 
 * :func:`file_sha256`: a file's bytes (checkpoints, photos, shipped weights).
 * :func:`tensors_sha256`: the shapes and float32 bytes of some tensors (data sets, perturbations,
-  protected images).
+  protected images); :func:`differences_sha256` the same of differences, made a few rows at a
+  time (a perturbation's digest from protected and clean photos).
 * :func:`state_sha256`: a state dict's names, dtypes, shapes and raw bytes in its key order (a
   module's ``state_dict()`` lists them in registration order, so the digest of a model is stable).
 """
@@ -29,7 +30,21 @@ def tensors_sha256(*tensors: torch.Tensor) -> str:
     for t in tensors:
         t = t.detach().float().cpu().contiguous()
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
+        h.update(t.numpy().reshape(-1).view("uint8"))  # the tensor's own buffer: no copy of a large set
+    return h.hexdigest()
+
+
+def differences_sha256(*pairs: tuple[torch.Tensor, torch.Tensor], rows: int = 64) -> str:
+    """``tensors_sha256(a - b, ...)`` for the ``(a, b)`` in ``pairs``, the differences made ``rows``
+    rows at a time (the same bytes, without a whole difference in memory)."""
+    h = hashlib.sha256()
+    for a, b in pairs:
+        if a.shape != b.shape:
+            raise ValueError(f"differences_sha256: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+        h.update(str(tuple(a.shape)).encode())
+        for start in range(0, a.shape[0], rows):
+            d = (a[start:start + rows] - b[start:start + rows]).detach().float().cpu().contiguous()
+            h.update(d.numpy().reshape(-1).view("uint8"))
     return h.hexdigest()
 
 

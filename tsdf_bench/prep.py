@@ -165,6 +165,50 @@ class DataPreparation:
             return images.new_zeros(0, 3, self.output_size, self.output_size)
         return self._crop(images, result)[0]
 
+    def in_batches(self, images: torch.Tensor, batch_size: int, new_crops=torch.empty) -> PrepResult:
+        """``self(images)`` one batch of ``batch_size`` images at a time: the detector's activations
+        and one batch's crops are in memory at once, whatever the number of images.  The kept
+        faces' crops are written into ``new_crops(shape)`` (e.g. a memory-mapped tensor,
+        :func:`tsdf_bench.harness.mapped.new_images`).  One batch (``batch_size >= len(images)``)
+        gives exactly ``self(images)``; indices and failures are those of the whole set."""
+        n, step = images.shape[0], max(1, int(batch_size))
+        if n == 0:
+            return self(images)
+        s = self.output_size
+        crops, filled, parts = new_crops((n, 3, s, s)), 0, []
+        for start in range(0, n, step):
+            res = self(images[start:start + step])
+            k = res.kept.numel()
+            crops[filled:filled + k] = res.crops.detach().float().cpu()
+            filled += k
+            parts.append((start, res))
+        kept = [(start, r) for start, r in parts if r.kept.numel()]
+        cat = lambda name: torch.cat([getattr(r, name) for _, r in kept]) if kept else torch.zeros(0, 4)  # noqa: E731
+        landmarks = [r.landmarks for _, r in kept if r.landmarks is not None]
+        return PrepResult(crops=crops[:filled],
+                          kept=torch.cat([r.kept + start for start, r in kept]) if kept else torch.zeros(0, dtype=torch.long),
+                          boxes=cat("boxes"), crop_boxes=cat("crop_boxes"),
+                          scores=torch.cat([r.scores for _, r in kept]) if kept else torch.zeros(0),
+                          landmarks=torch.cat(landmarks) if landmarks and len(landmarks) == len(kept) else None,
+                          failures={start + i: why for start, r in parts for i, why in r.failures.items()})
+
+    def crop_like_in_batches(self, images: torch.Tensor, result: PrepResult, batch_size: int,
+                             new_crops=torch.empty) -> torch.Tensor:
+        """:meth:`crop_like` one batch of ``batch_size`` images at a time (``result`` made of the
+        whole set, e.g. by :meth:`in_batches`), written into ``new_crops(shape)``."""
+        step, kept = max(1, int(batch_size)), result.kept
+        if kept.numel() == 0:
+            return self.crop_like(images, result)
+        out = new_crops((kept.numel(), 3, self.output_size, self.output_size))
+        for start in range(0, images.shape[0], step):
+            rows = ((kept >= start) & (kept < start + step)).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            part = PrepResult(None, kept[rows] - start, result.boxes[rows], result.crop_boxes[rows], result.scores[rows],
+                              None if result.landmarks is None else result.landmarks[rows])
+            out[rows[0]:rows[-1] + 1] = self.crop_like(images[start:start + step], part).detach().float().cpu()
+        return out
+
 
 def frame_boxes(boxes: torch.Tensor, fraction: float = FRAME_FRACTION, shift: float = FRAME_SHIFT) -> torch.Tensor:
     """The ``"frame"`` crop square of each detection box (see :class:`DataPreparation`)."""

@@ -36,10 +36,14 @@ from ..hashing import state_sha256
 from ..metrics import SUCCESS_THRESHOLD
 from ..paths import temp_path
 from .data import select_attrs, to_size
+from .mapped import new_images
 from .provenance import derived_seed
 from .state import _cached
 
 CROP_IOU_USABLE = 0.5
+# Photos per detection batch of the attacker's preparation: the detector's activations and one
+# batch's crops are in memory at a time (the demo's 32 collected photos are one batch).
+PREP_BATCH = 64
 
 
 @dataclass
@@ -93,11 +97,14 @@ class Attacker:
     """The attacker for one run: ``cfg`` (the run config), ``data`` (a callable giving the
     :class:`~tsdf_bench.harness.data.RunData`), ``detector`` (name -> loaded detector), ``device``;
     ``controls_dir``: where retrained controls are saved for other worker processes of the run
-    (None: kept in memory only)."""
+    (None: kept in memory only); ``folder``: where crops too large for memory are kept
+    (:func:`~tsdf_bench.harness.mapped.new_images`; None: always in memory).  Photos are prepared
+    :data:`PREP_BATCH` at a time."""
 
-    def __init__(self, cfg, data, detector, device, progress: bool = False, controls_dir: Path | None = None):
+    def __init__(self, cfg, data, detector, device, progress: bool = False, controls_dir: Path | None = None,
+                 folder: Path | None = None):
         self.cfg, self._data, self._detector, self.device, self.progress = cfg, data, detector, device, progress
-        self.controls_dir = controls_dir
+        self.controls_dir, self.folder = controls_dir, folder
         self._clean: dict = {}
         self._controls: dict = {}
 
@@ -121,6 +128,13 @@ class Attacker:
 
         return DataPreparation(self._detector(self.detector_name(adaptation)), size, crop=self.cfg.detectors.crop)
 
+    def _new_crops(self, shape) -> torch.Tensor:
+        return new_images(shape, self.folder)
+
+    def _prepare(self, photos: torch.Tensor, size: int, adaptation):
+        """The preparation of ``photos`` after ``adaptation.purify``, :data:`PREP_BATCH` at a time."""
+        return self.preparation(size, adaptation).in_batches(adaptation.purify(photos), PREP_BATCH, self._new_crops)
+
     # -- 1-2: collect and prepare ------------------------------------------------------------
     def collection(self, photos: torch.Tensor, size: int, adaptation) -> Collection:
         """The attacker's crops of ``photos`` (protected ``collect`` photos) after ``adaptation.purify``.
@@ -129,7 +143,7 @@ class Attacker:
             n = photos.shape[0]
             return Collection(to_size(adaptation.purify(photos), size).float().cpu(), self.data.collect.attrs,
                               list(range(n)), n, [True] * n)
-        res = self.preparation(size, adaptation)(adaptation.purify(photos))
+        res = self._prepare(photos, size, adaptation)
         clean = self._clean_prep("collect", size, adaptation)
         return self._collected(res, photos.shape[0], usable_crops(clean, res, photos.shape[0]))
 
@@ -142,13 +156,12 @@ class Attacker:
     def _collected(self, res, n_photos: int, usable=None) -> Collection:
         """A :class:`Collection` of the collect photos ``res`` (a prep result) kept."""
         kept = res.kept.cpu().long()
-        return Collection(res.crops.detach().float().cpu(), self.data.collect.attrs[kept], kept.tolist(), n_photos,
-                          usable)
+        return Collection(res.crops, self.data.collect.attrs[kept], kept.tolist(), n_photos, usable)
 
     def _clean_prep(self, split: str, size: int, adaptation):
         key = (split, size, *self.prep_key(adaptation))
         if key not in self._clean:
-            self._clean[key] = self.preparation(size, adaptation)(adaptation.purify(getattr(self.data, split).images))
+            self._clean[key] = self._prepare(getattr(self.data, split).images, size, adaptation)
         return self._clean[key]
 
     # -- 4: forge ----------------------------------------------------------------------------
@@ -160,10 +173,9 @@ class Attacker:
             return Forgeable(to_size(adaptation.purify(protected_eval), size).float().cpu(),
                              to_size(adaptation.purify(self.data.eval.images), size).float().cpu(), list(range(n)), n)
         prep = self.preparation(size, adaptation)
-        res = prep(adaptation.purify(protected_eval))
-        clean = prep.crop_like(adaptation.purify(self.data.eval.images), res)
-        return Forgeable(res.crops.detach().float().cpu(), clean.detach().float().cpu(), res.kept.tolist(),
-                         protected_eval.shape[0])
+        res = prep.in_batches(adaptation.purify(protected_eval), PREP_BATCH, self._new_crops)
+        clean = prep.crop_like_in_batches(adaptation.purify(self.data.eval.images), res, PREP_BATCH, self._new_crops)
+        return Forgeable(res.crops, clean, res.kept.tolist(), protected_eval.shape[0])
 
     # -- 3: retrain --------------------------------------------------------------------------
     def retrain(self, model, collection: Collection, adaptation, *, seed: int, k: int, discriminator=None) -> Retrained:

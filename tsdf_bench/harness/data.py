@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..hashing import tensors_sha256
+from .mapped import mapped, new_images
 
 # The attribute names of the synthetic test source (CelebA names, so real plugins accept them).
 SYNTHETIC_ATTRIBUTES = ("Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses",
@@ -149,7 +150,7 @@ def _embedded(d):
     return splits, tuple(ds.attr_names), description, split, None, ds.roles["train"]
 
 
-def _celeba(d, attributes):
+def _celeba(d, attributes, folder=None):
     from ..data.celeba import CelebA
 
     kw = dict(protocol=d.protocol, image_size=d.image_size, attrs=attributes, check_files=d.check_files)
@@ -186,8 +187,10 @@ def _celeba(d, attributes):
 
     test.require(collect_idx + eval_idx)  # every file the run reads, before reading any
 
-    def load(idx):
-        images = torch.stack([test[i][0] for i in idx]) if idx else torch.zeros(0, 3, d.image_size, d.image_size)
+    def load(idx):  # one photo at a time into the set (a memory-mapped file when large)
+        images = new_images((len(idx), 3, d.image_size, d.image_size), folder)
+        for row, i in enumerate(idx):
+            images[row] = test[i][0]
         files = [test.files[i] for i in idx]
         return Split(images, test.attrs[idx] if idx else torch.zeros(0, len(attributes)), files,
                      [person.get(f, f) for f in files])
@@ -240,8 +243,17 @@ def _synthetic(d):
             {"kind": "synthetic", "note": "separately generated images"}, gen, ())
 
 
-def load_run_data(cfg) -> RunData:
-    """Cut fit / collect / eval from the configured source (see the module docstring)."""
+def _kept(images: torch.Tensor, folder) -> torch.Tensor:
+    """``images`` as a run keeps them: a memory-mapped copy when large (see :mod:`.mapped`)."""
+    if folder is None or not mapped(images.numel() * 4):
+        return images
+    return new_images(images.shape, folder).copy_(images)
+
+
+def load_run_data(cfg, folder=None) -> RunData:
+    """Cut fit / collect / eval from the configured source (see the module docstring).  ``folder``:
+    where the collect and eval photos are kept when too large for memory
+    (:func:`~tsdf_bench.harness.mapped.new_images`; None: in memory)."""
     d = cfg.data
     from ..data._common import ATTGAN_ATTRS
 
@@ -250,7 +262,7 @@ def load_run_data(cfg) -> RunData:
     elif d.source == "embedded":
         parts = _embedded(d)
     elif d.source == "celeba":
-        parts = _celeba(d, list(d.attributes) or list(ATTGAN_ATTRS))
+        parts = _celeba(d, list(d.attributes) or list(ATTGAN_ATTRS), folder)
     else:
         parts = _folder(d)
     splits, names, description, split, generator_train, generator_persons = parts
@@ -264,8 +276,10 @@ def load_run_data(cfg) -> RunData:
     if generator_train is None and d.source != "embedded":
         generator_train = splits["fit"]  # the only photos outside collect/eval a non-embedded run may train on
     check_disjoint(splits, generator_train.photos if generator_train is not None else (), generator_persons)
-    for s in splits.values():
+    for role, s in splits.items():
         s.images = to_size(s.images.float(), d.image_size)
+        if role != "fit" and d.source != "celeba":  # CelebA's are loaded into their set (mapped when large)
+            s.images = _kept(s.images, folder)
     split.update({f"n_{role}_photos": len(set(s.photos)) for role, s in splits.items()},
                  **{f"n_{role}_persons": len(set(s.persons)) for role, s in splits.items()})
     fit, collect, ev = splits["fit"], splits["collect"], splits["eval"]

@@ -101,7 +101,8 @@ def estimate(cfg, models: dict, n: dict, plan: dict | None = None) -> dict:
     n_eval * img(s_m)`` (its inputs), where an input is a copy when the model's size is not the
     data's or an adaptation purifies:
 
-    * data: ``(n_fit + n_collect + n_eval) * img(S_data)``;
+    * data: ``(n_fit + n_collect + n_eval) * img(S_data)``; the collect and eval sets larger than :data:`~tsdf_bench.harness.mapped.MAP_ABOVE_BYTES` (256 MiB) are memory-mapped
+      files (:mod:`~tsdf_bench.harness.mapped`): counted as disk (``mapped_sets``), not RAM;
     * generators: the sum of their parameter bytes;
     * clean forgeries: the cache's largest memory, simulated over its entries (one per model and
       purification, ``F(m)`` plus ``X(m)`` when a copy) in the run's order: an entry within the
@@ -117,8 +118,11 @@ def estimate(cfg, models: dict, n: dict, plan: dict | None = None) -> dict:
       their own temporaries, not counted).  The largest over the models.  The streamed terms do not
       grow with ``n_eval``; the pairs' values and the inputs grow per photo, not per pair;
     * protected images: ``(n_collect + n_eval) * img(S_data)`` (one defense and seed at a time);
+      a set over the mapping threshold is its memory-mapped cache file (disk, ``protected_cache``);
     * crops: per distinct model input size, the attacker's crops of the collected photos (protected
-      and clean) and of the eval photos (protected and clean): ``2 * (n_collect + n_eval) * img(s)``;
+      and clean) and of the eval photos (protected and clean): ``2 * (n_collect + n_eval) * img(s)``,
+      each of the four sets over the threshold a mapped file (disk, ``mapped_sets``); the
+      preparation's batch (``PREP_BATCH`` photos and their crops) in RAM;
     * retraining: ``max over models of 4 * (G + D parameter bytes)`` (copy, gradients, two Adam
       moments) plus the chain's retrained model;
     * controls: one clean-retrained model (G + D) per model, retraining round and retraining
@@ -133,6 +137,9 @@ def estimate(cfg, models: dict, n: dict, plan: dict | None = None) -> dict:
       the run ends), a universal perturbation per seed and defense (``img(S_data)``) and the
       models the run trains first (``G + D`` bytes each).
     """
+    from .attacker import PREP_BATCH
+    from .mapped import mapped
+
     plan = measuring_plan(cfg) if plan is None else plan
     img = lambda s: 3 * s * s * FLOAT_BYTES  # noqa: E731
     s_data = cfg.data.image_size
@@ -141,6 +148,11 @@ def estimate(cfg, models: dict, n: dict, plan: dict | None = None) -> dict:
     keys = [name in purifying for name in cfg.adaptations.names]  # per adaptation: its own entry
     entry_kinds = ([False] if not keys or not all(keys) else []) + [True] * sum(keys)  # identity, purified
     sizes = {m["image_size"] for m in models.values()}
+    # the sets that grow with the photos, each in RAM or (over the threshold) a memory-mapped file
+    in_ram = lambda nbytes: 0 if mapped(nbytes) else nbytes  # noqa: E731
+    sets = {"data": [n["collect"] * img(s_data), n["eval"] * img(s_data)],
+            "protected": [n["collect"] * img(s_data), n["eval"] * img(s_data)],
+            "crops": [k * img(s) for s in sizes for k in (n["collect"], n["collect"], n["eval"], n["eval"])]}
     rows = max_measure_rows(cfg.data.batch_size)
     entries, measurement = [], 0
     for name, m in models.items():
@@ -156,12 +168,12 @@ def estimate(cfg, models: dict, n: dict, plan: dict | None = None) -> dict:
     rounds = int(cfg.run.rounds)
     retraining_adaptations = max(1, len(getattr(cfg.adaptations, "names", []) or []))
     parts = {
-        "data": (n["fit"] + n["collect"] + n["eval"]) * img(s_data),
+        "data": n["fit"] * img(s_data) + sum(map(in_ram, sets["data"])),
         "generators": sum(m["g_bytes"] for m in models.values()),
         "clean_forgeries": clean_ram,
         "measurement": measurement,
-        "protected": (n["collect"] + n["eval"]) * img(s_data),
-        "crops": sum(2 * (n["collect"] + n["eval"]) * img(s) for s in sizes),
+        "protected": sum(in_ram(b) for b in sets["protected"]),
+        "crops": sum(in_ram(b) for b in sets["crops"]) + PREP_BATCH * (img(s_data) + max(map(img, sizes), default=0)),
         "retraining": max((5 * m["g_bytes"] + 4 * m["d_bytes"] for m in models.values()), default=0),
         "controls": rounds * retraining_adaptations * sum(m["g_bytes"] + m["d_bytes"] for m in models.values()),
     }
@@ -169,6 +181,7 @@ def estimate(cfg, models: dict, n: dict, plan: dict | None = None) -> dict:
         parts["crops"] = parts["retraining"] = parts["controls"] = 0
     disk = {
         "protected_cache": (n["collect"] + n["eval"]) * img(s_data),
+        "mapped_sets": sum(b - in_ram(b) for b in sets["data"] + (sets["crops"] if rounds else [])),
         "clean_forgeries": clean_disk,
         "perturbations": runs * img(s_data),
         "trained_models": sum(m["g_bytes"] + m["d_bytes"] for m in models.values() if m.get("needs_training")),

@@ -8,9 +8,11 @@ import time
 import torch
 
 from .. import speed
-from ..hashing import tensors_sha256
+from ..errors import TsdfBenchError
+from ..hashing import differences_sha256, tensors_sha256
 from ..paths import temp_path
 from .data import select_attrs
+from .mapped import mapped, new_images, open_images
 from .measure import log_phase
 from .state import Protected, _cached, _Failed, _seed
 
@@ -60,10 +62,13 @@ class ProtectionMixin:
             detectors.append(self.detector(d))
         key = fit_key(plugin, options, seed, {m.name: self._model_hash.get(m.name, "") for m in models},
                       [getattr(d, "name", "?") for d in detectors], data.data_hash)
-        cache = self.run_dir / "cache" / f"protected-{name}-seed{seed}-{key[:16]}.pt"
-        if cache.is_file():
+        folder, stem = self.run_dir / "cache", f"protected-{name}-seed{seed}-{key[:16]}"
+        cache = folder / f"{stem}.pt"
+        if cache.is_file():  # written last: the mapped sets it names are complete
             blob = torch.load(cache, map_location="cpu", weights_only=False)
-            return Protected(blob["collect"], blob["eval"], blob["perturbation_sha256"], blob["timings"], blob["info"])
+            sets = {k: open_images(folder / v) if isinstance(v, str) else v for k, v in blob.items()
+                    if k in ("collect", "eval")}
+            return Protected(sets["collect"], sets["eval"], blob["perturbation_sha256"], blob["timings"], blob["info"])
         defense = self.registry.create("defense", plugin, seed=seed, device=str(self.device), **options)
         defense.optimize = self.optimize  # the run's speed switch (PGD: the batch at once)
         self.log(f"fitting defense {name} (seed {seed}) on {data.fit.images.shape[0]} images")
@@ -75,13 +80,18 @@ class ProtectionMixin:
         protected = {}
         for split_name in ("collect", "eval"):
             split = getattr(data, split_name)
-            parts = []
+            # batch by batch into the set (a kept memory-mapped file when large: the --resume cache)
+            out = protected[split_name] = new_images(split.images.shape, folder, f"{stem}.{split_name}.npy")
+            attrs_of = self._attrs_map(split.attrs, models)
             for s in self._batches(split.images.shape[0]):
                 _seed(seed, "protect", name, split_name, s.start)
-                attrs = {k: v[s] for k, v in self._attrs_map(split.attrs, models).items()}
                 with speed.autocast(self.device, self.optimize):
-                    parts.append(defense.protect(split.images[s].to(self.device), attrs).detach().float().cpu())
-            protected[split_name] = torch.cat(parts) if parts else split.images[:0].clone()
+                    part = defense.protect(split.images[s].to(self.device), {k: v[s] for k, v in attrs_of.items()})
+                if tuple(part.shape) != tuple(split.images[s].shape):
+                    raise TsdfBenchError(f"defense {name!r} (plugin {plugin!r}) returned protected images of shape "
+                                         f"{tuple(part.shape)} for a batch of {tuple(split.images[s].shape)}; "
+                                         "protect() must return one image of the input's size per input image")
+                out[s] = part.detach().float().cpu()
         t2 = time.perf_counter()
         log_phase(self.log, "fit", f"{name}/seed {seed} ({data.fit.images.shape[0]} images)", t1 - t0)
         log_phase(self.log, "protect", f"{name}/seed {seed} ({sum(v.shape[0] for v in protected.values())} images)",
@@ -93,7 +103,7 @@ class ProtectionMixin:
             except Exception as exc:  # noqa: BLE001 - saving is a convenience, the hash is recorded anyway
                 self.log(f"could not save the perturbation of {name}: {exc}")
         else:
-            digest = tensors_sha256(protected["collect"] - data.collect.images, protected["eval"] - data.eval.images)
+            digest = differences_sha256((protected["collect"], data.collect.images), (protected["eval"], data.eval.images))
         info = {"defense_plugin": plugin, "fit_key": key, "fit_models": [m.name for m in models],
                 "fit_detectors": [getattr(d, "name", "?") for d in detectors],
                 "fit_problems": model_problems, **getattr(defense, "info", {})}
@@ -101,8 +111,8 @@ class ProtectionMixin:
                            {"fit_s": t1 - t0, "protect_s": t2 - t1}, info)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(cache)
-        torch.save({"collect": result.collect, "eval": result.eval, "perturbation_sha256": digest,
-                    "timings": result.timings, "info": info}, tmp)
+        sets = {k: f"{stem}.{k}.npy" if mapped(v.numel() * 4) else v for k, v in protected.items()}  # files: by name
+        torch.save({**sets, "perturbation_sha256": digest, "timings": result.timings, "info": info}, tmp)
         tmp.replace(cache)
         return result
 
@@ -124,8 +134,8 @@ class ProtectionMixin:
             return 0
         removed = 0
         finished = {f"protected-{d}-seed{s}-" for (d, s), keys in planned.items() if all(k in done for k in keys)}
-        for path in folder.glob("protected-*.pt"):
-            prefix = path.name[:-len("-0123456789abcdef.pt")] + "-"
+        for path in folder.glob("protected-*"):  # the .pt and the mapped sets it names
+            prefix = path.name[:path.name.rindex("-") + 1]  # protected-NAME-seedS- (the key follows)
             if prefix in finished:
                 path.unlink(missing_ok=True)
                 removed += 1

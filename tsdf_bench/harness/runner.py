@@ -70,7 +70,8 @@ class Runner(ProtectionMixin, MeasureMixin):
         self._clean_fake: dict = {}
         self._clean_dets: dict = {}
         self.attacker = Attacker(cfg, lambda: self.data, self.detector, self.device, progress,
-                                 controls_dir=self.run_dir / "cache" / "controls" if cfg.run.workers > 1 else None)
+                                 controls_dir=self.run_dir / "cache" / "controls" if cfg.run.workers > 1 else None,
+                                 folder=self.run_dir / "cache")
         self.adaptations = {}
         for n in cfg.adaptations.names:
             self.adaptations[n] = create_checked(registry, "adaptation", cfg.adaptations.plugin_for(n),
@@ -86,7 +87,7 @@ class Runner(ProtectionMixin, MeasureMixin):
     @property
     def data(self) -> RunData:
         if self._data is None:
-            self._data = load_run_data(self.cfg)
+            self._data = load_run_data(self.cfg, folder=self.run_dir / "cache")
         return self._data
 
     def provenance_base(self) -> dict:
