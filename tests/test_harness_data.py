@@ -102,3 +102,27 @@ def test_celeba_identity_split_puts_other_photos_of_collected_persons_in_eval(tm
     assert data.split["kind"] == "celeba-identities"
     assert not set(data.collect.photos) & set(data.eval.photos)
     assert set(data.eval.persons) <= set(data.collect.persons)  # other photos of the collected persons
+
+
+@pytest.mark.parametrize("source", ["celeba", "folder"])
+def test_large_collect_and_eval_sets_are_mapped_with_the_same_values(tmp_path, monkeypatch, source):
+    """Over the threshold (here: always) the collect and eval photos are memory-mapped files in the
+    given folder (CelebA's loaded straight into theirs), with the values and data hash of the
+    in-memory sets; fit stays in memory."""
+    from tsdf_bench.harness import mapped
+
+    persons = [f"p{i}" for i in range(8)]
+    root = _celeba(tmp_path / "celeba", persons)
+    if source == "celeba":
+        cfg = _cfg(source="celeba", path=str(root), protocol="official", n_train_defense=2, n_collect=3, n_eval=3,
+                   attributes=["Black_Hair", "Blond_Hair", "Brown_Hair", "Male", "Young"])
+    else:
+        cfg = _cfg(source="folder", path=str(root / "img_align_celeba"), n_train_defense=2, n_collect=3, n_eval=3)
+    in_memory = load_run_data(cfg, folder=tmp_path / "sets")
+    assert not mapped.mapped_files(tmp_path / "sets")
+    monkeypatch.setattr(mapped, "MAP_ABOVE_BYTES", 0)
+    data = load_run_data(cfg, folder=tmp_path / "sets")
+    assert len(mapped.mapped_files(tmp_path / "sets")) == 2  # collect and eval (anonymous files)
+    assert data.data_hash == in_memory.data_hash
+    for role in ("fit", "collect", "eval"):
+        assert torch.equal(getattr(data, role).images, getattr(in_memory, role).images)
