@@ -14,7 +14,7 @@ Example::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -183,14 +183,14 @@ class DataPreparation:
             filled += k
             parts.append((start, res))
         kept = [(start, r) for start, r in parts if r.kept.numel()]
-        cat = lambda name: torch.cat([getattr(r, name) for _, r in kept]) if kept else torch.zeros(0, 4)  # noqa: E731
-        landmarks = [r.landmarks for _, r in kept if r.landmarks is not None]
-        return PrepResult(crops=crops[:filled],
-                          kept=torch.cat([r.kept + start for start, r in kept]) if kept else torch.zeros(0, dtype=torch.long),
-                          boxes=cat("boxes"), crop_boxes=cat("crop_boxes"),
-                          scores=torch.cat([r.scores for _, r in kept]) if kept else torch.zeros(0),
-                          landmarks=torch.cat(landmarks) if landmarks and len(landmarks) == len(kept) else None,
-                          failures={start + i: why for start, r in parts for i, why in r.failures.items()})
+        failures = {start + i: why for start, r in parts for i, why in r.failures.items()}
+        if not kept:  # no face anywhere: the empty result, with every photo's failure
+            return replace(parts[0][1], crops=crops[:0], failures=failures)
+        cat = lambda name: torch.cat([getattr(r, name) for _, r in kept])  # noqa: E731
+        landmarks = [r.landmarks for _, r in kept]
+        return PrepResult(crops[:filled], torch.cat([r.kept + start for start, r in kept]), cat("boxes"),
+                          cat("crop_boxes"), cat("scores"),
+                          None if any(lm is None for lm in landmarks) else torch.cat(landmarks), failures=failures)
 
     def crop_like_in_batches(self, images: torch.Tensor, result: PrepResult, batch_size: int,
                              new_crops=torch.empty) -> torch.Tensor:
@@ -204,8 +204,8 @@ class DataPreparation:
             rows = ((kept >= start) & (kept < start + step)).nonzero().flatten()
             if rows.numel() == 0:
                 continue
-            part = PrepResult(None, kept[rows] - start, result.boxes[rows], result.crop_boxes[rows], result.scores[rows],
-                              None if result.landmarks is None else result.landmarks[rows])
+            part = PrepResult(None, kept[rows] - start, result.boxes[rows], result.crop_boxes[rows],
+                              result.scores[rows], None if result.landmarks is None else result.landmarks[rows])
             out[rows[0]:rows[-1] + 1] = self.crop_like(images[start:start + step], part).detach().float().cpu()
         return out
 

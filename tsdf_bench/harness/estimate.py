@@ -101,8 +101,9 @@ def estimate(cfg, models: dict, n: dict, plan: dict | None = None) -> dict:
     n_eval * img(s_m)`` (its inputs), where an input is a copy when the model's size is not the
     data's or an adaptation purifies:
 
-    * data: ``(n_fit + n_collect + n_eval) * img(S_data)``; the collect and eval sets larger than :data:`~tsdf_bench.harness.mapped.MAP_ABOVE_BYTES` (256 MiB) are memory-mapped
-      files (:mod:`~tsdf_bench.harness.mapped`): counted as disk (``mapped_sets``), not RAM;
+    * data: ``(n_fit + n_collect + n_eval) * img(S_data)``; the collect and eval sets larger than
+      :data:`~tsdf_bench.harness.mapped.MAP_ABOVE_BYTES` (256 MiB) are memory-mapped files
+      (:mod:`~tsdf_bench.harness.mapped`): counted as disk (``mapped_sets``), not RAM;
     * generators: the sum of their parameter bytes;
     * clean forgeries: the cache's largest memory, simulated over its entries (one per model and
       purification, ``F(m)`` plus ``X(m)`` when a copy) in the run's order: an entry within the

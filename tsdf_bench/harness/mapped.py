@@ -4,7 +4,7 @@ At paper scale the sets that grow with the number of photos are large: the colle
 photos (4.7 GB at 5,000 + 1,000 photos of 256 px), their protected versions (4.7 GB per defense
 and seed) and the attacker's crops of them (up to 9.4 GB).  A set larger than
 :data:`MAP_ABOVE_BYTES` (256 MiB) is allocated in a float32 ``.npy`` file under the run's
-``cache/`` folder and memory-mapped copy-on-write (:func:`new_images`): to every consumer,
+``cache/`` folder and memory-mapped (:func:`new_images`): to every consumer,
 plugins included, it is an ordinary ``torch.Tensor``, but its pages belong to the file.  The
 kernel reads them on use and drops them under memory pressure (they are written back first), so
 they are not the process's anonymous memory: ``ps`` counts the resident ones in RSS (as
