@@ -3,6 +3,7 @@ forgeries over it on disk, one model at a time), the controls one seed at a time
 depend on either bound, and the log has one line per finished phase with its seconds.  The
 measurement in batches of eval photos (rows equal to whole tensors', the largest tensor bounded
 whatever n_eval): tests/test_streaming.py."""
+import gc
 import re
 
 import torch
@@ -151,11 +152,21 @@ def test_mapped_protected_sets_are_reused_on_resume_and_deleted_when_finished(tm
     assert len(stems) == 1
     assert sorted(p.name.split(".", 1)[1] for p in cache.glob("protected-fake-shift-seed0-*")) == [
         "collect.npy", "eval.npy", "pt"]
+    expected = first.collect.clone(), first.eval.clone(), first.timings, first.perturbation_sha256
+    del first
+    gc.collect()
+    assert not mapped.mapped_files(cache)  # nothing of the fit is left in this process
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the defense was fitted again")
+
     again = Runner(cfg, fake_registry(), store, "r", tmp_path / "run", progress=False)
-    resumed = again.protect(0, "fake-shift")  # from the files, not refitted
-    assert resumed.info["fit_key"] == first.info["fit_key"]
-    assert torch.equal(resumed.collect, first.collect) and torch.equal(resumed.eval, first.eval)
-    assert resumed.perturbation_sha256 == first.perturbation_sha256
+    monkeypatch.setattr(type(again.registry.create("defense", "fake-shift")), "fit", refit)
+    resumed = again.protect(0, "fake-shift")  # from the files
+    reopened = [f for f in mapped.mapped_files(cache) if "/protected-" in f]  # (the photos are mapped too)
+    assert sorted(f.rsplit(".", 2)[-2] for f in reopened) == ["collect", "eval"]
+    assert torch.equal(resumed.collect, expected[0]) and torch.equal(resumed.eval, expected[1])
+    assert (resumed.timings, resumed.perturbation_sha256) == expected[2:]
     every_cell = {tuple(c) for c in again.cells()}
     monkeypatch.setattr(store, "done", lambda run_id: every_cell)  # as if every cell were stored ok
     assert again.release_finished_caches() == 3  # the .pt and both mapped sets
