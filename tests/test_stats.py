@@ -63,3 +63,21 @@ def test_rate_columns_store_a_rate_like_the_schema_says():
         r["rate"], r["lo"], r["hi"])
     assert (cols["det_recall_mtcnn_hits"], cols["det_recall_mtcnn_n"]) == (4, 10)
     assert cols["det_recall_mtcnn_photos"] == counts
+
+
+def test_one_photo_gives_no_interval_not_a_certain_one():
+    """A cluster bootstrap over one photo always redraws it: [rate, rate] would claim a certainty
+    the data cannot give (the demo's collected photos are views of one person's photo)."""
+    from tsdf_bench.leaderboard.render import fmt_stat
+
+    one = {"p": [36, 64]}
+    r = rate(one)
+    assert r["rate"] == 36 / 64 and (r["lo"], r["hi"]) == (None, None) and r["photos"] == 1
+    d = paired_difference(one, {"p": [20, 64]})
+    assert d["diff"] == (36 - 20) / 64 and d["lo"] is None and not d["excludes_zero"]
+    two = rate({"p": [36, 64], "q": [10, 64]})
+    assert two["lo"] < two["rate"] < two["hi"]
+    assert fmt_stat({"kind": "rate", "value": r["rate"], "lo": None, "hi": None, "successes": 36, "pairs": 64,
+                     "photos": 1}) == "0.562 [no interval: 1 photo] (36/64)"
+    assert fmt_stat({"kind": "diff", "value": d["diff"], "lo": None, "hi": None, "photos": 1}) == (
+        "+0.250 [no interval: 1 photo]")

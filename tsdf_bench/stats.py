@@ -4,7 +4,10 @@ Pairs are not independent: the targets of one image, and the augmented views of 
 share that photo.  So a rate's interval is a **cluster bootstrap over source photos**: resample
 photos with replacement (``n_boot`` times, a fixed seed), pool their pairs, take the 2.5 / 97.5
 percentiles.  Seeds of one cell are pooled the same way (a photo's pairs of every seed go
-together).  :func:`wilson` is for independent trials only (one pair per photo).
+together).  One photo gives no interval (``lo`` / ``hi`` None): resampling a single cluster
+always draws it, so the bootstrap would say [rate, rate], a certainty the data cannot give (the
+demo's collected photos are views of one person's photo).  :func:`wilson` is for independent
+trials only (one pair per photo).
 
 The unit of storage is ``{photo: [successes, pairs]}`` (a row's ``sr_mask_photos``): rates,
 differences between defenses on the same photos (:func:`paired_difference`) and ratios
@@ -20,6 +23,7 @@ import numpy as np
 
 N_BOOT = 2000
 LEVEL = 0.95
+MIN_PHOTOS = 2  # clusters a bootstrap interval needs
 
 
 def photo_counts(success: np.ndarray, photos) -> dict[str, list[int]]:
@@ -82,7 +86,7 @@ def rate(counts: dict, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     total = float(n.sum())
     out = {"rate": float(hits.sum() / total) if total else None, "successes": int(hits.sum()),
            "pairs": int(total), "photos": len(hits), "lo": None, "hi": None}
-    if total:
+    if total and len(hits) >= MIN_PHOTOS:
         w = _draws(len(hits), n_boot, seed)
         with np.errstate(invalid="ignore", divide="ignore"):
             samples = (w @ hits) / (w @ n)
@@ -121,7 +125,7 @@ def paired_difference(a: dict, b: dict, a0: dict | None = None, b0: dict | None 
     with np.errstate(invalid="ignore", divide="ignore"):
         values = stat(0) - stat(1) if a0 is None else stat(0) / stat(2) - stat(1) / stat(3)
     point = float(values[0])
-    lo, hi = _interval(values[1:])
+    lo, hi = _interval(values[1:]) if len(photos) >= MIN_PHOTOS else (None, None)
     finite = math.isfinite(point)
     return {"diff": point if finite else None, "lo": lo, "hi": hi, "photos": len(photos),
             "excludes_zero": bool(finite and lo is not None and (lo > 0 or hi < 0))}

@@ -42,6 +42,8 @@ def fmt_stat(stat, missing: str = "—", pm: str = " ± ") -> str:
         text = f"{v:.3f}"
         if stat.get("lo") is not None:
             text += f" [{stat['lo']:.3f}, {stat['hi']:.3f}]"
+        elif stat.get("photos") == 1:
+            text += " [no interval: 1 photo]"
         if stat.get("successes") is not None and stat.get("pairs") is not None:
             text += f" ({stat['successes']}/{stat['pairs']})"
         elif stat.get("pairs") is not None:
@@ -51,6 +53,8 @@ def fmt_stat(stat, missing: str = "—", pm: str = " ± ") -> str:
         text = f"{v:+.3f}"
         if stat.get("lo") is not None:
             text += f" [{stat['lo']:+.3f}, {stat['hi']:+.3f}]"
+        elif stat.get("photos") == 1:
+            text += " [no interval: 1 photo]"
         return text
     text = fmt_number(v, missing)
     if stat.get("std") is not None:
