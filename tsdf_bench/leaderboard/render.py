@@ -28,6 +28,13 @@ def fmt_number(v: float | None, missing: str = "—", sign: bool = False) -> str
     return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
 
 
+def _interval_text(stat: dict, spec: str) -> str:
+    """`` [lo, hi]``, or why there is none (one source photo: stats.MIN_PHOTOS), or nothing."""
+    if stat.get("lo") is not None:
+        return f" [{stat['lo']:{spec}}, {stat['hi']:{spec}}]"
+    return " [no interval: 1 photo]" if stat.get("photos") == 1 else ""
+
+
 def fmt_stat(stat, missing: str = "—", pm: str = " ± ") -> str:
     """One cell: a rate ``0.420 [0.300, 0.550] (50/120)``, a mean ``0.800 ± 0.014``, a difference
     ``+0.100 [-0.020, +0.210]`` (rates and differences: 3 decimals), or a plain number."""
@@ -39,23 +46,14 @@ def fmt_stat(stat, missing: str = "—", pm: str = " ± ") -> str:
     if v is None:
         return missing
     if kind == "rate":
-        text = f"{v:.3f}"
-        if stat.get("lo") is not None:
-            text += f" [{stat['lo']:.3f}, {stat['hi']:.3f}]"
-        elif stat.get("photos") == 1:
-            text += " [no interval: 1 photo]"
+        text = f"{v:.3f}" + _interval_text(stat, ".3f")
         if stat.get("successes") is not None and stat.get("pairs") is not None:
             text += f" ({stat['successes']}/{stat['pairs']})"
         elif stat.get("pairs") is not None:
             text += f" n={stat['pairs']}"
         return text
     if kind == "diff":
-        text = f"{v:+.3f}"
-        if stat.get("lo") is not None:
-            text += f" [{stat['lo']:+.3f}, {stat['hi']:+.3f}]"
-        elif stat.get("photos") == 1:
-            text += " [no interval: 1 photo]"
-        return text
+        return f"{v:+.3f}" + _interval_text(stat, "+.3f")
     text = fmt_number(v, missing)
     if stat.get("std") is not None:
         text += f"{pm}{fmt_number(stat['std'], missing)}"
