@@ -190,3 +190,33 @@ def test_a_defense_returning_the_wrong_shape_is_named(tmp_path, monkeypatch):
     with pytest.raises(TsdfBenchError, match=r"defense 'fake-perimage' .* returned protected images of shape "
                                              r"\(1, 3, 32, 32\) for a batch of \(3, 3, 32, 32\)"):
         runner.protect(0, "fake-perimage")
+
+
+def test_a_damaged_protected_cache_is_fitted_again_not_reused(tmp_path, monkeypatch):
+    """--resume after a mapped protected set was deleted or truncated: a log line names the cache
+    and the defense is fitted again (same values: the fit is seeded), never a half-read set."""
+    from tsdf_bench.harness import ResultsStore, mapped
+    from tsdf_bench.harness.runner import Runner
+
+    monkeypatch.setattr(mapped, "MAP_ABOVE_BYTES", 0)
+    cfg = make_config(tmp_path, CONFIG)
+    store = ResultsStore(tmp_path / "results.sqlite")
+    first = Runner(cfg, fake_registry(), store, "r", tmp_path / "run", progress=False).protect(0, "fake-shift")
+    cache = tmp_path / "run" / "cache"
+    expected = first.collect.clone(), first.perturbation_sha256
+    del first
+    gc.collect()
+    for damage in ("delete", "truncate"):
+        (target,) = cache.glob("protected-fake-shift-seed0-*.eval.npy")
+        if damage == "delete":
+            target.unlink()
+        else:
+            target.write_bytes(target.read_bytes()[:200])
+        lines = []
+        runner = Runner(cfg, fake_registry(), store, "r", tmp_path / "run", progress=False, log=lines.append)
+        again = runner.protect(0, "fake-shift")
+        assert any("cannot be reused" in line and "fitting the defense again" in line for line in lines), lines
+        assert any(line.startswith("fitting defense fake-shift") for line in lines)
+        assert torch.equal(again.collect, expected[0]) and again.perturbation_sha256 == expected[1]
+        del again, runner
+        gc.collect()

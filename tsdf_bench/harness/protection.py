@@ -64,11 +64,9 @@ class ProtectionMixin:
                       [getattr(d, "name", "?") for d in detectors], data.data_hash)
         folder, stem = self.run_dir / "cache", f"protected-{name}-seed{seed}-{key[:16]}"
         cache = folder / f"{stem}.pt"
-        if cache.is_file():  # written last: the mapped sets it names are complete
-            blob = torch.load(cache, map_location="cpu", weights_only=False)
-            sets = {k: open_images(folder / v) if isinstance(v, str) else v for k, v in blob.items()
-                    if k in ("collect", "eval")}
-            return Protected(sets["collect"], sets["eval"], blob["perturbation_sha256"], blob["timings"], blob["info"])
+        cached = self._cached_protection(cache) if cache.is_file() else None
+        if cached is not None:
+            return cached
         defense = self.registry.create("defense", plugin, seed=seed, device=str(self.device), **options)
         defense.optimize = self.optimize  # the run's speed switch (PGD: the batch at once)
         self.log(f"fitting defense {name} (seed {seed}) on {data.fit.images.shape[0]} images")
@@ -115,6 +113,25 @@ class ProtectionMixin:
         torch.save({**sets, "perturbation_sha256": digest, "timings": result.timings, "info": info}, tmp)
         tmp.replace(cache)
         return result
+
+    def _cached_protection(self, cache) -> Protected | None:
+        """The protected photos saved for ``--resume`` (the ``.pt`` is written last: the mapped sets
+        it names are complete), or None (and a log line) when a file is missing, unreadable or not
+        the shape of this run's splits: the defense is then fitted again, never half reused."""
+        try:
+            blob = torch.load(cache, map_location="cpu", weights_only=False)
+            sets = {k: open_images(cache.parent / blob[k]) if isinstance(blob[k], str) else blob[k]
+                    for k in ("collect", "eval")}
+            for k, v in sets.items():
+                want = tuple(getattr(self.data, k).images.shape)
+                if tuple(v.shape) != want:
+                    raise ValueError(f"{k} set has shape {tuple(v.shape)}, the run's {k} split {want}")
+        except Exception as exc:  # noqa: BLE001 - any damage means: recompute
+            self.log(f"protected-image cache {cache.name} cannot be reused ({type(exc).__name__}: {exc}); "
+                     "fitting the defense again")
+            cache.unlink(missing_ok=True)
+            return None
+        return Protected(sets["collect"], sets["eval"], blob["perturbation_sha256"], blob["timings"], blob["info"])
 
     def release_finished_caches(self) -> int:
         """Delete the protected-image cache files of every (seed, defense) whose planned cells are
