@@ -2,6 +2,7 @@
 threshold, a file beyond it, the same values either way, an anonymous file's space freed with
 its tensor, a named one kept and mapped again without being changed."""
 import gc
+import os
 import sys
 
 import numpy as np
@@ -51,3 +52,24 @@ def test_a_named_set_is_kept_and_mapped_again_copy_on_write(tmp_path, monkeypatc
     assert torch.equal(again, values)
     again[0] = 0.0  # a change in the process only
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "set.npy")), values)
+
+
+def test_a_full_disk_is_a_clear_error_not_a_crash_later(tmp_path, monkeypatch):
+    """The file's blocks are allocated when the set is made: without that, the first write to a
+    page the disk has no room for kills the process (SIGBUS)."""
+    import errno
+
+    from tsdf_bench.errors import TsdfBenchError
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this platform")
+    monkeypatch.setattr(mapped, "MAP_ABOVE_BYTES", 0)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    for name in (None, "set.npy"):
+        with pytest.raises(TsdfBenchError, match=r"no room for a 0\.00 GB image set in .*No space left.*--output"):
+            new_images((2, 3, 8, 8), tmp_path, name)
+    assert not list(tmp_path.iterdir())  # nothing left behind

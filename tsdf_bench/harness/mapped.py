@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import TsdfBenchError
+
 MAP_ABOVE_BYTES = 256 << 20  # sets larger than this are memory-mapped files (None: never)
 
 
@@ -52,9 +54,29 @@ def new_images(shape, folder: Path | None, name: str | None = None) -> torch.Ten
     else:
         path = folder / name
     array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-    if name is None:
-        os.unlink(path)  # the mapping keeps the pages; the file's blocks go when it is unmapped
+    reserved = False
+    try:
+        _reserve(path, array.offset + array.nbytes)
+        reserved = True
+    finally:
+        if name is None or not reserved:
+            os.unlink(path)  # the mapping keeps the pages; the file's blocks go when it is unmapped
     return torch.from_numpy(array)
+
+
+def _reserve(path, size: int) -> None:
+    """Allocate the file's blocks now: a mapped file that cannot get its blocks later kills the
+    process with SIGBUS at the first write, so a full disk must fail here, with its name."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        raise TsdfBenchError(f"no room for a {size / 1e9:.2f} GB image set in {Path(path).parent} ({exc.strerror}); "
+                             "free disk space there or give the run another --output") from exc
+    finally:
+        os.close(fd)
 
 
 def open_images(path) -> torch.Tensor:
