@@ -76,3 +76,20 @@ def test_faceset_limit(photos):
     with pytest.warns(UserWarning):
         faces = ImageFolderDataset(photos, image_size=8).faceset(n=3)
     assert len(faces) == 3 and torch.all(faces.images.abs() <= 1)
+
+
+def test_faceset_read_into_a_given_tensor_skips_bad_files_alike(photos):
+    """With ``new_images`` the images are read one at a time into the given tensor (a mapped set at
+    paper scale): the same images, ids and skips as the stacked set, in that tensor's storage."""
+    made = []
+
+    def new_images(shape):
+        made.append(torch.full(shape, 9.0))
+        return made[-1]
+
+    with pytest.warns(UserWarning):
+        stacked = ImageFolderDataset(photos, image_size=8).faceset(n=4)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        read = ImageFolderDataset(photos, image_size=8).faceset(n=4, new_images=new_images)
+    assert read.ids == stacked.ids and len(read) == 3  # broken.jpg skipped: 3 of the 4 rows
+    assert torch.equal(read.images, stacked.images) and read.images.data_ptr() == made[0].data_ptr()

@@ -113,15 +113,22 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         image = read_image_pil(self.paths[index], self.max_pixels)
         return crop_resize(image, self.crop_size, self.image_size), self.attrs[index]
 
-    def _load_all(self, limit: int | None = None) -> list[tuple[int, torch.Tensor]]:
+    def _load_all(self, limit: int | None = None, into: torch.Tensor | None = None) -> list[tuple[int, torch.Tensor]]:
+        """``(index, image)`` of the first ``limit`` readable images; with ``into`` (a tensor of
+        ``limit`` rows) each image is written into its row as it is read and the list holds those rows."""
         good, bad = [], []
         for i in range(len(self.paths)):
             if limit is not None and len(good) >= limit:
                 break
             try:
-                good.append((i, self[i][0]))
+                image = self[i][0]
             except ImageError as exc:
                 bad.append((self.paths[i], exc.reason))
+                continue
+            if into is not None:
+                into[len(good)] = image
+                image = into[len(good)]
+            good.append((i, image))
         if bad:
             self.failures.extend(bad)
             warnings.warn(f"{self.root}: skipped {len(bad)} unreadable image(s), e.g. "
@@ -135,11 +142,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.attrs = self.attrs[keep] if keep else self.attrs[:0]
         return self.failures
 
-    def faceset(self, n: int | None = None) -> FaceSet:
-        """The first ``n`` readable images (all when None) as a FaceSet; bad files are skipped."""
-        good = self._load_all(None if n is None else int(n))
+    def faceset(self, n: int | None = None, new_images=None) -> FaceSet:
+        """The first ``n`` readable images (all when None) as a FaceSet; bad files are skipped.
+        ``new_images(shape)`` (with ``n``): the tensor the images are read into, one at a time
+        (e.g. a memory-mapped set, :func:`tsdf_bench.harness.mapped.new_images`)."""
+        if new_images is not None and n is not None:
+            into = new_images((min(int(n), len(self)), 3, self.image_size, self.image_size))
+            good = self._load_all(int(n), into)
+            images = into[:len(good)]
+        else:
+            good = self._load_all(None if n is None else int(n))
+            images = torch.stack([img for _, img in good]) if good else \
+                torch.zeros(0, 3, self.image_size, self.image_size)
         idx = [i for i, _ in good]
-        images = torch.stack([img for _, img in good]) if good else \
-            torch.zeros(0, 3, self.image_size, self.image_size)
         return FaceSet(images, self.attrs[idx] if idx else self.attrs[:0], self.attr_names,
                        [self.paths[i].relative_to(self.root).as_posix() for i in idx])

@@ -211,13 +211,13 @@ def _read_identities(path) -> dict:
     return out
 
 
-def _folder(d):
+def _folder(d, keep_in=None):
     from ..data.folder import ImageFolderDataset
 
     folder = ImageFolderDataset(d.path, image_size=d.image_size, attr_csv=d.attr_csv or None,
                                 attrs=list(d.attributes) or None)
     need = d.n_train_defense + d.n_collect + d.n_eval
-    faces = folder.faceset(n=need)
+    faces = folder.faceset(n=need, new_images=lambda shape: new_images(shape, keep_in))  # mapped when large
     _need(f"readable images in folder {d.path}", len(faces), need,
           "add photos or lower n_train_defense / n_collect / n_eval")
     cut = [0, d.n_train_defense, d.n_train_defense + d.n_collect, need]
@@ -264,7 +264,7 @@ def load_run_data(cfg, folder=None) -> RunData:
     elif d.source == "celeba":
         parts = _celeba(d, list(d.attributes) or list(ATTGAN_ATTRS), folder)
     else:
-        parts = _folder(d)
+        parts = _folder(d, folder)
     splits, names, description, split, generator_train, generator_persons = parts
     notes = []
     for role, want in (("fit", d.n_train_defense), ("collect", d.n_collect), ("eval", d.n_eval)):
@@ -278,7 +278,7 @@ def load_run_data(cfg, folder=None) -> RunData:
     check_disjoint(splits, generator_train.photos if generator_train is not None else (), generator_persons)
     for role, s in splits.items():
         s.images = to_size(s.images.float(), d.image_size)
-        if role != "fit" and d.source != "celeba":  # CelebA's are loaded into their set (mapped when large)
+        if role != "fit" and d.source not in ("celeba", "folder"):  # those are read into their sets (mapped when large)
             s.images = _kept(s.images, folder)
     split.update({f"n_{role}_photos": len(set(s.photos)) for role, s in splits.items()},
                  **{f"n_{role}_persons": len(set(s.persons)) for role, s in splits.items()})
