@@ -139,7 +139,9 @@ def test_rows_are_identical_with_every_set_of_photos_mapped(tmp_path, monkeypatc
     assert anonymous and named, files
 
 
-def test_mapped_protected_sets_are_reused_on_resume_and_deleted_when_finished(tmp_path, monkeypatch):
+def _fitted_with_mapped_sets(tmp_path, monkeypatch):
+    """Every set mapped; fake-shift fitted once for seed 0 by a runner that is then gone: the config,
+    the store, the cache folder and what the fit gave (sets, timings, perturbation digest)."""
     from tsdf_bench.harness import ResultsStore, mapped
     from tsdf_bench.harness.runner import Runner
 
@@ -147,14 +149,19 @@ def test_mapped_protected_sets_are_reused_on_resume_and_deleted_when_finished(tm
     cfg = make_config(tmp_path, CONFIG)
     store = ResultsStore(tmp_path / "results.sqlite")
     first = Runner(cfg, fake_registry(), store, "r", tmp_path / "run", progress=False).protect(0, "fake-shift")
-    cache = tmp_path / "run" / "cache"
-    stems = {p.name.split(".")[0] for p in cache.glob("protected-fake-shift-seed0-*")}
-    assert len(stems) == 1
-    assert sorted(p.name.split(".", 1)[1] for p in cache.glob("protected-fake-shift-seed0-*")) == [
-        "collect.npy", "eval.npy", "pt"]
     expected = first.collect.clone(), first.eval.clone(), first.timings, first.perturbation_sha256
     del first
     gc.collect()
+    return cfg, store, tmp_path / "run" / "cache", expected
+
+
+def test_mapped_protected_sets_are_reused_on_resume_and_deleted_when_finished(tmp_path, monkeypatch):
+    from tsdf_bench.harness import mapped
+    from tsdf_bench.harness.runner import Runner
+
+    cfg, store, cache, expected = _fitted_with_mapped_sets(tmp_path, monkeypatch)
+    assert sorted(p.name.split(".", 1)[1] for p in cache.glob("protected-fake-shift-seed0-*")) == [
+        "collect.npy", "eval.npy", "pt"]
     assert not mapped.mapped_files(cache)  # nothing of the fit is left in this process
 
     def refit(*args, **kwargs):
@@ -195,17 +202,9 @@ def test_a_defense_returning_the_wrong_shape_is_named(tmp_path, monkeypatch):
 def test_a_damaged_protected_cache_is_fitted_again_not_reused(tmp_path, monkeypatch):
     """--resume after a mapped protected set was deleted or truncated: a log line names the cache
     and the defense is fitted again (same values: the fit is seeded), never a half-read set."""
-    from tsdf_bench.harness import ResultsStore, mapped
     from tsdf_bench.harness.runner import Runner
 
-    monkeypatch.setattr(mapped, "MAP_ABOVE_BYTES", 0)
-    cfg = make_config(tmp_path, CONFIG)
-    store = ResultsStore(tmp_path / "results.sqlite")
-    first = Runner(cfg, fake_registry(), store, "r", tmp_path / "run", progress=False).protect(0, "fake-shift")
-    cache = tmp_path / "run" / "cache"
-    expected = first.collect.clone(), first.perturbation_sha256
-    del first
-    gc.collect()
+    cfg, store, cache, expected = _fitted_with_mapped_sets(tmp_path, monkeypatch)
     for damage in ("delete", "truncate"):
         (target,) = cache.glob("protected-fake-shift-seed0-*.eval.npy")
         if damage == "delete":
@@ -217,6 +216,6 @@ def test_a_damaged_protected_cache_is_fitted_again_not_reused(tmp_path, monkeypa
         again = runner.protect(0, "fake-shift")
         assert any("cannot be reused" in line and "fitting the defense again" in line for line in lines), lines
         assert any(line.startswith("fitting defense fake-shift") for line in lines)
-        assert torch.equal(again.collect, expected[0]) and again.perturbation_sha256 == expected[1]
+        assert torch.equal(again.collect, expected[0]) and again.perturbation_sha256 == expected[3]
         del again, runner
         gc.collect()
