@@ -28,10 +28,14 @@ def tensors_sha256(*tensors: torch.Tensor) -> str:
     """sha256 over the shapes and float32 bytes (CPU, contiguous) of ``tensors``, in order."""
     h = hashlib.sha256()
     for t in tensors:
-        t = t.detach().float().cpu().contiguous()
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().reshape(-1).view("uint8"))  # the tensor's own buffer: no copy of a large set
+        _update_values(h, t)
     return h.hexdigest()
+
+
+def _update_values(h, t: torch.Tensor) -> None:
+    """Feed ``t``'s float32 bytes (CPU, contiguous) to ``h``: the tensor's own buffer, no copy."""
+    h.update(t.detach().float().cpu().contiguous().numpy().reshape(-1).view("uint8"))
 
 
 def differences_sha256(*pairs: tuple[torch.Tensor, torch.Tensor], rows: int = 64) -> str:
@@ -43,8 +47,7 @@ def differences_sha256(*pairs: tuple[torch.Tensor, torch.Tensor], rows: int = 64
             raise ValueError(f"differences_sha256: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
         h.update(str(tuple(a.shape)).encode())
         for start in range(0, a.shape[0], rows):
-            d = (a[start:start + rows] - b[start:start + rows]).detach().float().cpu().contiguous()
-            h.update(d.numpy().reshape(-1).view("uint8"))
+            _update_values(h, a[start:start + rows] - b[start:start + rows])
     return h.hexdigest()
 
 

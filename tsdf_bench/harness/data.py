@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..hashing import tensors_sha256
-from .mapped import mapped, new_images
+from .mapped import in_file, new_images
 
 # The attribute names of the synthetic test source (CelebA names, so real plugins accept them).
 SYNTHETIC_ATTRIBUTES = ("Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses",
@@ -245,7 +245,7 @@ def _synthetic(d):
 
 def _kept(images: torch.Tensor, folder) -> torch.Tensor:
     """``images`` as a run keeps them: a memory-mapped copy when large (see :mod:`.mapped`)."""
-    if folder is None or not mapped(images.numel() * 4):
+    if not in_file(images.shape, folder):
         return images
     return new_images(images.shape, folder).copy_(images)
 

@@ -38,13 +38,18 @@ def mapped(nbytes: int) -> bool:
     return MAP_ABOVE_BYTES is not None and nbytes > MAP_ABOVE_BYTES
 
 
+def in_file(shape, folder: Path | None) -> bool:
+    """Whether :func:`new_images` keeps a set of ``shape`` in a mapped file in ``folder``."""
+    return folder is not None and mapped(math.prod(int(s) for s in shape) * 4)
+
+
 def new_images(shape, folder: Path | None, name: str | None = None) -> torch.Tensor:
     """An uninitialised float32 tensor of ``shape``: in memory when it holds at most
     :data:`MAP_ABOVE_BYTES` bytes (or ``folder`` is None), else mapped from a ``.npy`` file in
     ``folder``: ``folder/name`` (kept, see :func:`open_images`) or, without ``name``, an
     anonymous file removed at once (its space is freed with the tensor)."""
     shape = tuple(int(s) for s in shape)
-    if folder is None or not mapped(math.prod(shape) * 4):
+    if not in_file(shape, folder):
         return torch.empty(shape)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from ..errors import TsdfBenchError
 from ..hashing import differences_sha256, tensors_sha256
 from ..paths import temp_path
 from .data import select_attrs
-from .mapped import mapped, new_images, open_images
+from .mapped import in_file, new_images, open_images
 from .measure import log_phase
 from .state import Protected, _cached, _Failed, _seed
 
@@ -109,7 +109,7 @@ class ProtectionMixin:
                            {"fit_s": t1 - t0, "protect_s": t2 - t1}, info)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(cache)
-        sets = {k: f"{stem}.{k}.npy" if mapped(v.numel() * 4) else v for k, v in protected.items()}  # files: by name
+        sets = {k: f"{stem}.{k}.npy" if in_file(v.shape, folder) else v for k, v in protected.items()}  # files: by name
         torch.save({**sets, "perturbation_sha256": digest, "timings": result.timings, "info": info}, tmp)
         tmp.replace(cache)
         return result
