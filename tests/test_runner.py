@@ -346,3 +346,32 @@ def test_a_round_on_the_clean_collection_reuses_the_control_instead_of_retrainin
         assert (r["checkpoint_sha256"] == r["control_checkpoint_sha256"]) == same
     # controls: 2 models x 2 rounds; fake-shift's chains: 2 x 2; none's: reused, not retrained
     assert len(calls) == 8
+
+
+def test_allow_missing_detectors_leaves_a_broken_detectors_columns_out_and_names_it(tmp_path):
+    """A measured detector that fails to load (S3FD without its checkpoint file): without the
+    option the preflight stops the run; with ``allow_missing_detectors = true`` the preflight warns,
+    the cells are ok, S3FD's columns are absent, the other detector's are there, and each row names
+    the missing one."""
+    from tsdf_bench.errors import TsdfBenchError
+    from tsdf_bench.harness.preflight import preflight
+
+    registry = Registry(plugins_dirs=[FAKES], entry_points=True)
+    text = (CONFIG.replace('names = ["fake-det", "fake-blind"]', 'names = ["fake-det", "s3fd"]')
+            .replace("[detectors.fake-blind]\nthreshold = -2.0", f'[detectors.s3fd]\ncheckpoint = "{tmp_path}/none.pth"')
+            .replace('names = ["fake-shift", "fake-perimage", "fake-broken"]', 'names = ["fake-shift"]')
+            .replace("seeds = [0, 1]", "seeds = [0]").replace("rounds = 2", "rounds = 1")
+            .replace('names = ["fake-metric"]', 'names = ["fake-metric", "detection"]'))
+    with pytest.raises(TsdfBenchError, match="s3fd"):
+        run_config(make_config(tmp_path / "strict", text), registry, output=tmp_path / "strict" / "runs",
+                   progress=False, log=lambda m: None, figures=False)
+    cfg = make_config(tmp_path / "allowed", text.replace('attacker = "fake-det"',
+                                                         'attacker = "fake-det"\nallow_missing_detectors = true'))
+    checks = {(c.kind, c.name): c.status for c in preflight(cfg, registry).checks}
+    assert checks[("detector", "s3fd")] == "warn" and checks[("detector", "fake-det")] == "ok"
+    rows = run_config(cfg, registry, output=tmp_path / "allowed" / "runs", progress=False, log=lambda m: None,
+                      figures=False).rows
+    assert rows and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        assert set(r["detectors_missing"]) == {"s3fd"} and "failed to load" in r["detectors_missing"]["s3fd"]
+        assert r.get("det_recall_fake-det") is not None and "det_recall_s3fd" not in r

@@ -180,6 +180,9 @@ class DetectorsSection(PluginSection):
     attacker: str = "mtcnn"
     crop: str = "margin"
     white_box: list[str] | None = None
+    # a measured detector that fails to load (or to detect) leaves its columns out of the rows,
+    # named in ``detectors_missing``, instead of failing the preflight and every cell
+    allow_missing_detectors: bool = False
 
 
 @dataclass

@@ -89,7 +89,9 @@ PROVENANCE = {
     "defense_plugin": "the defense's plugin", "defense_options": "its resolved options", "eps": "its budget",
     "transfer_of": "the defense a [transfer] variant comes from", "fit_key": "sha256 of what the fit depends on",
     "fit_models": "models it was fitted on", "fit_detectors": "detectors it was fitted on",
-    "fit_problems": "models or detectors that failed to load for the fit", "perturbation_sha256":
+    "fit_problems": "models or detectors that failed to load for the fit",
+    "detectors_missing": "measured detectors that failed ([detectors] allow_missing_detectors): their columns are left out",
+    "perturbation_sha256":
     "the universal perturbation's sha256, or of the per-image perturbations", "model_order": "CMUA's model order",
     "factors": "CMUA's per-model step factors", "targets": "the targets a defense attacked",
     # the model

@@ -221,9 +221,15 @@ class MeasureMixin:
                 streams[f"{role}-forge"] = self._stream(m, x_prot, attrs, (cell.seed, f"{role}-forge", *cell))
         label, log = cell.label, getattr(self, "log", lambda msg: None)
         t1 = time.perf_counter()
-        names = list(self.cfg.detectors.names)
-        dets_clean = {d: self.clean_detections(d) for d in names}
-        dets_prot = {d: self.protected_detections(prot, d) for d in names}
+        dets_clean, dets_prot, missing = {}, {}, {}
+        for d in self.cfg.detectors.names:
+            try:
+                dets_clean[d], dets_prot[d] = self.clean_detections(d), self.protected_detections(prot, d)
+            except _Failed as exc:
+                if not self.cfg.detectors.allow_missing_detectors:
+                    raise
+                dets_clean.pop(d, None)
+                missing[d] = str(exc)  # its columns are left out of the row, which names it
         detect_s = time.perf_counter() - t1
         cell_lists = dict(detections_clean=dets_clean, detections_protected=dets_prot,
                           crop_kept=state.usable if cell.round > 0 else None, eval_photos=self.data.eval.photos,
@@ -264,7 +270,7 @@ class MeasureMixin:
         if forged:  # whatever runs next sees the random state that whole-tensor forging left
             (streams["ctrl-forge"] if persist else streams["forge"]).restore_rng()
         tm = time.perf_counter()
-        metrics: dict = dict(extra)
+        metrics: dict = dict(extra, **({"detectors_missing": missing} if missing else {}))
         metrics.update(passes.finish())
         if forged:
             success = torch.cat(hits)

@@ -337,9 +337,8 @@ def preflight(cfg, registry, *, output=None, fail_fast: bool = False,
             else:
                 unsized.append(name)
     detectors = list(dict.fromkeys([*cfg.detectors.names, cfg.detectors.attacker, *(cfg.detectors.white_box or [])]))
-    allow_missing = bool(getattr(cfg.detectors, "allow_missing_detectors", False))
     for name in detectors:
-        (_soft if allow_missing else _Recorder.run)(rec, "detector", name,
+        (_soft if cfg.detectors.allow_missing_detectors else _Recorder.run)(rec, "detector", name,
                                                    lambda name=name: _check_detector(cfg, registry, name, batch, device))
     for name in cfg.defenses.names:
         plugin = cfg.defenses.plugin_for(name)
