@@ -293,3 +293,40 @@ def test_paper_grid_plans_at_most_16_gb_of_ram_with_its_large_sets_mapped(monkey
     whole = estimate(cfg, OFFICIAL, n, plan)
     assert whole["ram_bytes"] - est["ram_bytes"] == 6000 * img + 6000 * img + 2 * 6000 * img
     assert whole["ram_bytes"] > 26e9 and whole["disk_parts"]["mapped_sets"] == 0
+
+
+def test_paper_path_smoke_official_checkpoints_and_a_celeba_folder_check_then_run(setup, monkeypatch):
+    """Issue 13's smoke test: official-format checkpoint files (StarGAN's G, HiSD's gen file and its
+    reference image) and a tiny CelebA-layout folder beside the config; ``--check`` passes, then a
+    tiny run (every image set memory-mapped, as at paper scale) stores ok rows that carry each
+    checkpoint file's path and sha256."""
+    from tsdf_bench.harness import ResultsStore, mapped
+
+    tmp_path, path = setup
+    root = tmp_path / "celeba"
+    (root / "img_align_celeba").mkdir(parents=True)
+    names = ["Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses", "Male",
+             "Mouth_Slightly_Open", "Mustache", "No_Beard", "Pale_Skin", "Young"]
+    rows = 16
+    rng = np.random.default_rng(0)
+    for i in range(rows):
+        Image.fromarray(rng.integers(0, 255, (218, 178, 3), dtype=np.uint8)).save(
+            root / "img_align_celeba" / f"{i + 1:06d}.jpg")
+    (root / "list_attr_celeba.txt").write_text("\n".join(
+        [str(rows), " ".join(names)] + [f"{i + 1:06d}.jpg " + " ".join(rng.choice(["-1", "1"], len(names)))
+                                        for i in range(rows)]) + "\n")
+    (root / "list_eval_partition.txt").write_text(
+        "\n".join(f"{i + 1:06d}.jpg {0 if i < 6 else 2}" for i in range(rows)) + "\n")
+    path.write_text(path.read_text().replace('source = "synthetic"', 'source = "celeba"\npath = "celeba"\n'
+                                                                     'protocol = "official"'))
+    assert cli_main(["run", str(path), "--check"]) == 0
+    monkeypatch.setattr(mapped, "MAP_ABOVE_BYTES", 0)
+    assert cli_main(["run", str(path), "--no-progress", "--no-figures"]) == 0
+    store = ResultsStore(tmp_path / "runs" / "results.sqlite")
+    (run,) = store.runs()
+    got = store.rows(run["run_id"])
+    assert got and all(r["status"] == "ok" for r in got)
+    assert {r["data"].split(" (")[0] for r in got} == {f"CelebA at {root}"}
+    for r in got:
+        expected = {"stargan": tmp_path / "ckpt" / "200000-G.ckpt", "hisd": tmp_path / "ckpt" / "gen.pt"}[r["model"]]
+        assert r["checkpoint_path"] == str(expected) and r["checkpoint_file_sha256"] == file_sha256(expected)
