@@ -132,3 +132,18 @@ def test_train_exports_then_a_retrain_reproduces_the_exported_weights(tmp_path, 
     assert train.main(parser.parse_args(["--scale", "smoke", "--models", "stargan", "--retrain", "--no-progress"]),
                       reg) == 0
     assert "stargan: reproduces the shipped weights bit for bit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["stargan", "attentiongan", "attgan"])
+def test_the_shipped_demo_models_meet_the_sensitivity_target(name):
+    """Issue 12's target on the shipped weights: per-image PGD at the papers' eps 0.05 (10
+    iterations) disrupts at least 90% of the (held-out photo, target) pairs, CMUA's masked L2 >
+    0.05.  A demo model that stopped reacting (AttentionGAN trained after a reconstruction warm-up:
+    0.57) fails here.  HiSD's shipped model misses the target (0.38; docs/model-card.md)."""
+    from tsdf_bench.models.curve import held_out, sensitivity
+
+    model = zoo.get_model(name, progress=False)
+    assert model.weights_source == "shipped"
+    x, a = held_out(model)
+    got = sensitivity(model, x, a)
+    assert got["pgd_sr_mask"] >= 0.9, got

@@ -49,6 +49,18 @@ def _recon_loss(model, x, a) -> float | None:
     return float(sum(v.float() for v in model.reconstruction_loss(x, a).values()))
 
 
+def held_out(model, n_eval: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluated persons' held-out views ``(x, attrs)`` prepared for ``model`` (what a curve
+    point and the model card measure on)."""
+    from ..data.embedded import load_embedded
+    from .training import prepare_images
+    from .zoo import select_attributes
+
+    held = load_embedded(image_size=128, n_eval=n_eval, seed=seed).eval
+    return (prepare_images(held.images, model.image_size),
+            select_attributes(held.attrs, held.attr_names, model.attributes))
+
+
 def sensitivity(model, x: torch.Tensor, a: torch.Tensor, seed: int = 0, batch: int = 8) -> dict:
     """Per-image PGD at eps 0.05 against ``model``: SR_mask, mean L2_mask and the pair count."""
     from ..plugins import get_registry
@@ -87,13 +99,11 @@ def measure_point(model, discriminator, x: torch.Tensor, a: torch.Tensor) -> dic
 def train_with_curve(name: str, steps: int, every: int, *, scale: str = "demo", seed: int = 0, n_eval: int = 24,
                      progress: bool = False, log=print, threads: int | None = 1) -> list[dict]:
     """Train ``name`` to ``steps`` joint steps, measuring a curve point every ``every`` steps."""
-    from ..data.embedded import load_embedded
     from .checkpoints import load_discriminator
-    from .zoo import get_model, select_attributes
+    from .zoo import get_model
 
     path = curve_path(name, scale, seed)
     done = {p["steps"] for p in read_curve(path)}
-    held = load_embedded(image_size=128, n_eval=n_eval, seed=seed).eval
     for k in range(every, steps + every, every):
         k = min(k, steps)
         t0 = time.time()
@@ -102,10 +112,7 @@ def train_with_curve(name: str, steps: int, every: int, *, scale: str = "demo", 
         if k in done:
             continue
         train_s = time.time() - t0
-        from .training import prepare_images
-
-        x = prepare_images(held.images, model.image_size)
-        a = select_attributes(held.attrs, held.attr_names, model.attributes)
+        x, a = held_out(model, n_eval, seed)
         point = {"model": name, "steps": k, "seed": seed, "train_s": round(train_s, 1),
                  **measure_point(model, load_discriminator(model, model.weights_file), x, a)}
         with path.open("a") as handle:

@@ -14,10 +14,13 @@ objective (WGAN-GP + classification + reconstruction for StarGAN/AttentionGAN/At
 adversarial/style/reconstruction losses) and Adam betas.  Departures, all demo-only, chosen by
 measurement to fit about 90 s per model on 2 CPU cores -- a demo, not a reproduction:
 
-* a reconstruction warm-up (``recon_warmup_steps`` at ``recon_lr`` 1e-3): G alone as a
-  conditional auto-encoder first, no D (from scratch, 600 joint WGAN-GP steps gave noise);
-* n_critic 1, lr 2e-4 (HiSD 2e-4, official 1e-4), batch 8, and the gradient penalty / R1 only
-  every 4th D step, scaled by 4 ("lazy regularisation", ``reg_every``);
+* StarGAN and AttGAN: a reconstruction warm-up (``recon_warmup_steps`` at ``recon_lr`` 1e-3): G
+  alone as a conditional auto-encoder first, no D (from scratch, 600 joint WGAN-GP steps gave
+  noise), then n_critic 1 and lr 2e-4 (official 5 and 1e-4).  AttentionGAN keeps the official
+  n_critic 5 and lr 1e-4 with no warm-up: after a warm-up its attention mask starts at
+  pass-through and the model stays insensitive to eps 0.05 (docs/model-card.md);
+* batch 8 (HiSD's lr 2e-4, official 1e-4), and the gradient penalty / R1 only every 4th D step,
+  scaled by 4 ("lazy regularisation", ``reg_every``);
 * architecture/configuration at demo scale only (see each plugin's docstring): StarGAN and
   AttentionGAN up-sample with nearest + 3x3 conv; AttGAN uses 2 shortcut and 1 inject layers
   and an instance-normalised encoder (the official code's ``--enc_norm instancenorm``; with
