@@ -6,6 +6,8 @@ Reads rows with :class:`tsdf_bench.harness.store.ResultsStore` and renders them 
 ``results.sqlite``; a run's own folder (``<output>/<run_id>/``) also works: the database of its
 parent is read, restricted to that run unless ``--run-id`` says otherwise.  A published
 ``leaderboard.json`` (its rows) works too: re-rendering a published run with the current tables.
+``--check-against PUBLISHED`` says instead whether the rows reproduce a published leaderboard
+(:mod:`tsdf_bench.leaderboard.reproduce`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,12 @@ def add_arguments(parser):
     parser.add_argument("--output", default=None, metavar="FILE", help="write to FILE instead of stdout")
     parser.add_argument("--out-dir", default=None, metavar="DIR",
                         help="also write leaderboard.md/.csv/.tex/.json into DIR")
+    parser.add_argument("--check-against", default=None, metavar="PUBLISHED",
+                        help="instead of rendering, say whether these rows reproduce a published "
+                             "leaderboard.json (bit for bit, or each rate inside its published interval); "
+                             "exit status 1 if not (tsdf_bench.leaderboard.reproduce)")
+    parser.add_argument("--rounds", default=None, metavar="K[,K...]",
+                        help="with --check-against: compare only these rounds (e.g. 0)")
 
 
 def resolve_results(path) -> tuple[Path, str | None]:
@@ -89,8 +97,26 @@ def leaderboard_text(rows: list[dict], fmt: str = "markdown", header: dict | Non
     return render(rows, fmt, header, registry=registry)
 
 
+def check_against(rows: list[dict], published, rounds: str | None = None) -> int:
+    """``--check-against``: print whether ``rows`` reproduce the published rows; 0 if they do."""
+    from ..leaderboard.reproduce import compare
+
+    if Path(published).suffix != ".json":
+        raise TsdfBenchError(f"--check-against {published}: pass a published leaderboard.json "
+                             "(e.g. leaderboards/demo/leaderboard.json)")
+    try:
+        wanted = None if rounds is None else [int(k) for k in str(rounds).split(",")]
+    except ValueError:
+        raise TsdfBenchError(f"--rounds {rounds!r}: give round numbers separated by commas, e.g. 0 or 0,1") from None
+    report = compare(load_rows(published), rows, wanted)
+    sys.stdout.write(f"{published} vs this run\n" + report.text())
+    return 0 if report.within_intervals else 1
+
+
 def main(args, registry):
     rows = load_rows(args.results, args.run_id)
+    if args.check_against:
+        return check_against(rows, args.check_against, args.rounds)
     text = leaderboard_text(rows, args.format, registry=registry)
     if args.out_dir:
         for path in write_leaderboards(rows, args.out_dir, registry=registry).values():
