@@ -16,9 +16,9 @@ measurement to fit about 90 s per model on 2 CPU cores -- a demo, not a reproduc
 
 * StarGAN and AttGAN: a reconstruction warm-up (``recon_warmup_steps`` at ``recon_lr`` 1e-3): G
   alone as a conditional auto-encoder first, no D (from scratch at n_critic 1, 600 joint WGAN-GP
-  steps gave noise), then n_critic 1 and lr 2e-4, so that the attacker's retraining takes one D step
-  per generator update (StarGAN at the official n_critic 5 without warm-up: as sensitive, blurrier
-  held-out faces; measured in docs/model-card.md) (official 5 and 1e-4).  AttentionGAN keeps the official
+  steps gave noise), then n_critic 1 and lr 2e-4 (official 5 and 1e-4), so that the attacker's
+  retraining takes one D step per generator update (StarGAN at the official n_critic 5 without
+  warm-up: as sensitive, blurrier held-out faces; measured in docs/model-card.md).  AttentionGAN keeps the official
   n_critic 5 and lr 1e-4 with no warm-up: after a warm-up its attention mask starts at
   pass-through and the model stays insensitive to eps 0.05 (docs/model-card.md);
 * batch 8 (HiSD's lr 2e-4, official 1e-4), and the gradient penalty / R1 only every 4th D step,
