@@ -95,3 +95,15 @@ def test_the_parent_forgets_its_models_and_returns_the_memory(monkeypatch):
     runner = types.SimpleNamespace(_models={"stargan": object()}, _discriminators={"stargan": object()})
     pool._drop_models(runner)
     assert runner._models == {} and runner._discriminators == {} and calls == [1]
+
+
+def test_workers_record_the_commit_the_run_started_at(tmp_path, monkeypatch):
+    """A worker's rows carry the parent's git state, taken when the run started: a commit made
+    while the run goes on (a worker reading git when it writes its first row) must not appear."""
+    import tsdf_bench.harness.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "git_state", lambda: {"git_commit": "commit-at-start", "git_dirty": False})
+    registry = Registry(plugins_dirs=[FAKES], entry_points=False)
+    text = CONFIG.replace('rounds = 2', 'rounds = 1\nworkers = 2').replace('seeds = [0, 1]', 'seeds = [0]')
+    rows = _run(tmp_path, text, registry).rows
+    assert rows and {(r["git_commit"], r["git_dirty"]) for r in rows} == {("commit-at-start", False)}

@@ -50,7 +50,7 @@ def _init_worker(job: dict) -> None:
     global _RUNNER
     torch.set_num_threads(1)
     _RUNNER = Runner(job["config"], Registry(**job["registry"]), ResultsStore(job["store"]), job["run_id"],
-                     job["run_dir"], progress=False, log=_log)
+                     job["run_dir"], progress=False, log=_log, git=job["git"])
 
 
 def _group_task(seed: int, dname: str, group: list[Cell]) -> int:
@@ -107,7 +107,8 @@ def run_in_pool(runner, cells: list[Cell], todo: list[Cell]):
     n = min(cfg.run.workers, len(work))
     runner.log(f"{len(work)} (seed, defense) groups on {n} worker processes, one torch thread each")
     job = {"config": cfg, "registry": runner.registry.spec, "run_id": runner.run_id,
-           "run_dir": str(Path(runner.run_dir).resolve()), "store": str(Path(runner.store.path).resolve())}
+           "run_dir": str(Path(runner.run_dir).resolve()), "store": str(Path(runner.store.path).resolve()),
+           "git": runner.git}
     bar = runner._bar(total=len(cells), initial=len(cells) - len(todo), desc=f"cells ({n} workers)")
     pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                initargs=(job,))

@@ -67,7 +67,7 @@ def _worker_runner(job: dict) -> Runner:
 
         _RUNNERS.clear()  # one run at a time per worker process
         runner = Runner(job["config"], Registry(**job["registry"]), RowRecorder(), job["run_id"], job["run_dir"],
-                        progress=False, log=print)
+                        progress=False, log=print, git=job.get("git"))
         _RUNNERS[job["run_id"]] = runner
     return runner
 
@@ -146,7 +146,7 @@ def _submit_and_collect(ray, runner: Runner, cpus_per_task: float, gpus_per_task
         gpus_per_task = 1 if wants_gpu else 0
     options = {"num_cpus": cpus_per_task, "num_gpus": gpus_per_task, "max_retries": 0}
     job = {"config": cfg, "registry": runner.registry.spec, "run_id": run_id,
-           "run_dir": str(Path(runner.run_dir).resolve())}
+           "run_dir": str(Path(runner.run_dir).resolve()), "git": runner.git}
     job_ref = ray.put(job)
     prepare = ray.remote(_prepare_task).options(**options)
     protect = ray.remote(_protect_task).options(**options)

@@ -53,8 +53,12 @@ class Runner(ProtectionMixin, MeasureMixin):
     """
 
     def __init__(self, cfg: RunConfig, registry, store: ResultsStore, run_id: str, run_dir, *,
-                 progress: bool = True, data: RunData | None = None, log: Callable[[str], None] | None = None):
+                 progress: bool = True, data: RunData | None = None, log: Callable[[str], None] | None = None,
+                 git: dict | None = None):
         self.cfg, self.registry, self.store, self.run_id = cfg, registry, store, run_id
+        # the code's commit when the run started (workers get the parent's: a commit made while
+        # the run goes on must not appear in its rows)
+        self.git = dict(git) if git is not None else git_state()
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.log = log or (lambda msg: None)
@@ -99,7 +103,7 @@ class Runner(ProtectionMixin, MeasureMixin):
             self._provenance_base = {
                 "config_hash": cfg.hash, "run_name": cfg.run.name, "scale": cfg.run.scale,
                 "versions": versions(self.registry, used), "device": device_description(self.device),
-                **git_state(), "optimize": self.optimize, "torch_threads": torch.get_num_threads(), "data": self.data.description, "data_hash": self.data.data_hash,
+                **self.git, "optimize": self.optimize, "torch_threads": torch.get_num_threads(), "data": self.data.description, "data_hash": self.data.data_hash,
                 "data_notes": self.data.notes, "split": self.data.split, "metrics": self.metric_names(), "attacker_detector": cfg.detectors.attacker,
                 "crop": cfg.detectors.crop, "eps": cfg.defenses.eps,
                 "n_fit": int(self.data.fit.images.shape[0]), "n_collect": int(self.data.collect.images.shape[0]),
