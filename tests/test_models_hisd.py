@@ -346,3 +346,23 @@ def test_reference_image_file_gives_the_reference_guided_style(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(ConfigError, match="cannot be used"):
         HiSD("smoke", reference=tmp_path / "bad.jpg")
+
+
+def test_demo_decoder_upsamples_bilinearly_with_the_official_parameters(monkeypatch):
+    """The demo decoder's bilinear up-sampling (nearest rendered translated features as a 4-px
+    checkerboard; docs/model-card.md) adds no parameter: the same keys and shapes as the official
+    nearest layout, which the other scales keep."""
+    from tsdf_bench_plugins.models import hisd
+    from tsdf_bench_plugins.models._hisd_blocks import UpBlock
+
+    demo = HiSD("demo")
+    assert {m.mode for m in demo.modules() if isinstance(m, UpBlock)} == {"bilinear"}
+    assert {m.mode for m in HiSD("smoke").modules() if isinstance(m, UpBlock)} == {"nearest"}
+    monkeypatch.setitem(hisd.CONFIGS, "demo", {**hisd.CONFIGS["demo"], "decoder_upsample": "nearest"})
+    nearest = HiSD("demo")
+    assert {k: v.shape for k, v in demo.state_dict().items()} == {k: v.shape for k, v in nearest.state_dict().items()}
+    nearest.load_state_dict(demo.state_dict())  # the same weights: only the up-sampling differs
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        e = demo.encoder(x)
+        assert torch.equal(e, nearest.encoder(x)) and not torch.allclose(demo.decoder(e), nearest.decoder(e))

@@ -31,7 +31,8 @@ measurement to fit about 90 s per model on 2 CPU cores -- a demo, not a reproduc
   with mappers at the full lr; its demo recipe differs further (see the HiSD module doc):
   250 warm-up steps of E/G alone at lr 4e-3, Adam betas (0.9, 0.99), then 1,500 joint steps
   (G lr 1e-4, D lr 5e-4) of translator/extractor/mappers with E/G frozen, an identity-initialised
-  translator, no cycle path, a content-change L1 (weight 5) and a smaller D/extractor.
+  translator, no cycle path, a content-change L1 (weight 5), a smaller D/extractor and bilinear
+  up-sampling in the decoder (nearest rendered translated features as a 4-px checkerboard).
 
 Measured edit strength and sensitivity of the recipes (tables, curves, grids): ``docs/model-card.md``.
 """

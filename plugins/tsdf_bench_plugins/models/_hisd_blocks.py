@@ -75,10 +75,12 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """Residual block with HiSD instance norms, doubles the resolution (nearest upsampling)."""
+    """Residual block with HiSD instance norms, doubles the resolution (nearest upsampling, as the
+    official code; ``mode="bilinear"`` is a parameter-free demo option)."""
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, mode: str = "nearest"):
         super().__init__()
+        self.mode = mode
         self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
         self.in1 = InstanceNorm(cin)
@@ -86,8 +88,8 @@ class UpBlock(nn.Module):
         self.sc = nn.Conv2d(cin, cout, 1, 1, 0, bias=False)
 
     def forward(self, x):
-        residual = F.interpolate(self.sc(x), scale_factor=2, mode="nearest")
-        h = F.interpolate(F.leaky_relu(self.in1(x), 0.2), scale_factor=2, mode="nearest")
+        residual = F.interpolate(self.sc(x), scale_factor=2, mode=self.mode)
+        h = F.interpolate(F.leaky_relu(self.in1(x), 0.2), scale_factor=2, mode=self.mode)
         h = self.conv2(F.leaky_relu(self.in2(self.conv1(h)), 0.2))
         return (residual + h) / math.sqrt(2)
 
