@@ -67,7 +67,7 @@ def _worker_runner(job: dict) -> Runner:
 
         _RUNNERS.clear()  # one run at a time per worker process
         runner = Runner(job["config"], Registry(**job["registry"]), RowRecorder(), job["run_id"], job["run_dir"],
-                        progress=False, log=print, git=job.get("git"))
+                        progress=False, log=print, git=job["git"])
         _RUNNERS[job["run_id"]] = runner
     return runner
 

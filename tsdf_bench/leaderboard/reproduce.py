@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..schema import CellKey
+from .aggregate import check_rows, dedupe
 
 #: Columns that describe the run, not its results.
 NOT_RESULTS = frozenset({"run_id", "run_name", "status", "error", "traceback", "timings", "note", "config_hash",
@@ -38,10 +39,10 @@ class Reproduction:
     missing: list = field(default_factory=list)      # published cells the rerun lacks
     extra: list = field(default_factory=list)        # rerun cells the published table lacks
     values: int = 0
-    different: list = field(default_factory=list)    # (cell label, column, published, rerun)
+    different: list = field(default_factory=list)    # (cell, column, published, rerun)
     rates: int = 0
     rates_equal: int = 0
-    outside: list = field(default_factory=list)      # (cell label, rate, published [lo, hi], rerun)
+    outside: list = field(default_factory=list)      # (cell, rate, published, lo, hi, rerun)
     no_interval: int = 0                             # rates published without an interval
 
     @property
@@ -90,8 +91,8 @@ def _same(a, b) -> bool:
 
 
 def _by_cell(rows: list[dict], rounds) -> dict:
-    """The last row of each cell (rows come oldest run first, as the leaderboard reads them)."""
-    return {CellKey.of(r): r for r in rows if rounds is None or int(r["round"]) in rounds}
+    """The row of each cell the leaderboard would use (:func:`.aggregate.dedupe`: the last one)."""
+    return {CellKey.of(r): r for r in dedupe(check_rows(rows))[0] if rounds is None or int(r["round"]) in rounds}
 
 
 def compare(published: list[dict], rerun: list[dict], rounds=None) -> Reproduction:
